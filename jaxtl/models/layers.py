@@ -1,0 +1,150 @@
+"""Building blocks shared by the model families.
+
+Everything here reproduces PyTorch's math exactly, because converted weights
+must give torchvision's/timm's logits to float32 rounding:
+
+* :class:`BatchNorm` updates ``running_var`` with the *unbiased* batch variance
+  as PyTorch does (Flax's own BatchNorm uses the biased one), normalises with
+  the biased one, and can synchronise statistics across devices (``axis_name``).
+* :func:`conv` pads explicitly and symmetrically like ``nn.Conv2d(padding=p)``;
+  ``'SAME'`` pads asymmetrically on strided layers and would diverge.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+Dtype = Any
+
+# torchvision/timm conv init: kaiming normal, fan_out (used for fresh layers only;
+# converted weights replace them).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the last axis with PyTorch's semantics.
+
+    ``momentum`` follows Flax's convention (running = momentum * running +
+    (1 - momentum) * batch), so PyTorch's momentum 0.1 is 0.9 here.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool):
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        dtype = self.dtype or x.dtype
+
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            count = 1
+            for a in axes:
+                count *= x.shape[a]
+            # Two passes (mean, then mean squared deviation) as PyTorch does;
+            # E[x^2] - E[x]^2 loses digits when |mean| >> std.
+            mean = jnp.mean(xf, axes)
+            if self.axis_name is not None:
+                mean = lax.pmean(mean, self.axis_name)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if self.axis_name is not None:
+                var = lax.pmean(var, self.axis_name)
+                count = count * lax.psum(1, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased = var * (count / jnp.maximum(count - 1, 1))
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * lax.stop_gradient(mean)
+                ra_var.value = m * ra_var.value + (1.0 - m) * lax.stop_gradient(unbiased)
+
+        # Fold into one multiply-add: XLA fuses it into the producing conv.
+        mul = scale * lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
+
+
+def pad_same_symmetric(kernel_size: int, dilation: int = 1) -> int:
+    """PyTorch's usual ``padding=(k - 1) // 2 * dilation``."""
+    return (kernel_size - 1) // 2 * dilation
+
+
+def conv(features: int, kernel_size: int, stride: int = 1, padding: int | None = None, *,
+         groups: int = 1, use_bias: bool = False, dilation: int = 1, dtype: Dtype = jnp.float32,
+         name: str | None = None, kernel_init: Callable = conv_init) -> nn.Conv:
+    """``nn.Conv2d(..., padding=p)`` in Flax: NHWC, explicit symmetric padding."""
+    if padding is None:
+        padding = pad_same_symmetric(kernel_size, dilation)
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=(dilation, dilation),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None, use_bias: bool = True,
+          kernel_init: Callable = dense_init) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, name=name)
+
+
+def max_pool(x, kernel_size: int, stride: int, padding: int):
+    """``nn.MaxPool2d(k, s, p)``: pads with -inf."""
+    return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def global_avg_pool(x):
+    """``AdaptiveAvgPool2d(1)`` + flatten, accumulated in float32."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def running_stats_for(train: bool, group: str, frozen: Sequence[str]) -> bool:
+    """BatchNorm uses running statistics in eval mode and in frozen groups.
+
+    This is the Keras semantics: a frozen layer is in inference mode, so its
+    statistics neither normalise with the batch nor drift.
+    """
+    return (not train) or (group in frozen)
+
+
+def relu6(x):
+    return jnp.minimum(jax.nn.relu(x), 6.0).astype(x.dtype)
+
+
+def hard_sigmoid(x):
+    """PyTorch ``nn.Hardsigmoid``: relu6(x + 3) / 6."""
+    return (jnp.clip(x + 3.0, 0.0, 6.0) / 6.0).astype(x.dtype)
+
+
+def hard_swish(x):
+    """PyTorch ``nn.Hardswish``: x * relu6(x + 3) / 6."""
+    return (x * hard_sigmoid(x)).astype(x.dtype)
+
+
+def gelu_exact(x):
+    """``nn.GELU()`` (erf form); flax's ``nn.gelu`` defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)

@@ -1,0 +1,67 @@
+"""Shared test set-up.
+
+Tests never touch the network: downloads are switched off, and caches point
+into a per-session temporary folder so a developer's real caches are neither
+used nor polluted (the embedded offline weights package is still found).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/parity.py, tests/helpers
+
+os.environ.setdefault("JAXTL_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def torch_stack_available() -> bool:
+    if not (has_module("torch") and has_module("torchvision") and has_module("timm")):
+        return False
+    try:
+        import torchvision  # noqa: F401  (fails when torch and torchvision builds do not match)
+        import timm  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+TORCH_OK = torch_stack_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if TORCH_OK:
+        return
+    skip = pytest.mark.skip(reason="needs the [torch] extra (torch, torchvision>=0.29, timm): pip install -e '.[dev]'")
+    for item in items:
+        if "torch" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("caches")
+    old = {k: os.environ.get(k) for k in ("TORCH_HOME", "HF_HOME", "HF_HUB_CACHE", "JAXTL_CACHE")}
+    os.environ["TORCH_HOME"] = str(cache / "torch")
+    os.environ["HF_HOME"] = str(cache / "hf")
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["JAXTL_CACHE"] = str(cache / "jaxtl")
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

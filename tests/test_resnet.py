@@ -1,0 +1,83 @@
+"""ResNet-18...152 against torchvision and timm (random weights, randomised BatchNorm)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxtl
+from parity import check_parity
+
+DEPTHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+SLOW = {"resnet101", "resnet152"}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DEPTHS])
+def test_parity_eval_and_train(name, source, record_property):
+    result = check_parity(name, source, seed=DEPTHS.index(name) + (0 if source == "torchvision" else 100))
+    record_property("parity", result)
+    print(f"{name} {source}: {result}")
+    result.assert_ok()
+
+
+def test_registry_entries_complete():
+    for name in DEPTHS:
+        spec = jaxtl.get_spec(name)
+        assert spec.group_names == ("stem", "layer1", "layer2", "layer3", "layer4", "head")
+        assert set(spec.sources) == {"torchvision", "timm"}
+        assert spec.head_path == ("fc",)
+        pre = spec.preprocessing
+        assert pre.input_size == 224 and pre.mean == (0.485, 0.456, 0.406)
+        assert spec.sources["torchvision"].default_weights().sha256_prefix is not None
+
+
+def test_every_parameter_is_in_exactly_one_group():
+    from flax import traverse_util
+
+    for name in ["resnet18", "resnet50"]:
+        spec = jaxtl.get_spec(name)
+        model = jaxtl.create_model(name, num_classes=7)
+        from jaxtl.models import abstract_variables
+
+        shapes = traverse_util.flatten_dict(abstract_variables(model, spec)["params"])
+        groups = {spec.group_of(p) for p in shapes}
+        assert groups == set(spec.group_names)
+
+
+def test_train_mode_updates_batch_stats_and_eval_does_not():
+    model = jaxtl.create_model("resnet18", num_classes=3)
+    variables = jaxtl.init_variables(model, jaxtl.get_spec("resnet18"))
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"], variables["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    # A frozen group keeps its statistics even in train mode.
+    _, updates = model.apply(variables, x, train=True, frozen=("stem", "layer1"), mutable=["batch_stats"])
+    for group in ("bn1", "layer1_0"):
+        same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), updates["batch_stats"][group],
+                            variables["batch_stats"][group])
+        assert all(jax.tree.leaves(same)), group
+    assert not np.allclose(updates["batch_stats"]["layer2_0"]["bn1"]["mean"],
+                           variables["batch_stats"]["layer2_0"]["bn1"]["mean"])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = jaxtl.create_model("resnet18", num_classes=5, dtype="bfloat16")
+    variables = jaxtl.init_variables(model, jaxtl.get_spec("resnet18"))
+    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
+    out = model.apply(variables, jnp.ones((1, 32, 32, 3)), train=False)
+    assert out.dtype == jnp.float32 and out.shape == (1, 5)
+    f32 = jaxtl.create_model("resnet18", num_classes=5).apply(variables, jnp.ones((1, 32, 32, 3)), train=False)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(f32), rtol=0.1, atol=0.1)
+
+
+def test_features_only_returns_pooled_features():
+    model = jaxtl.create_model("resnet50", num_classes=4)
+    spec = jaxtl.get_spec("resnet50")
+    variables = jaxtl.init_variables(model, spec)
+    feats = model.apply(variables, jnp.ones((2, 64, 64, 3)), features_only=True)
+    assert feats.shape == (2, spec.num_features)
