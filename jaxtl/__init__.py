@@ -7,6 +7,8 @@ Public API::
     variables = jaxtl.convert_state_dict("resnet50", state_dict, source="torchvision")
     logits = model.apply(variables, images, train=False)   # float32 NHWC, normalised
     jaxtl.list_models()
+    model, variables, meta = jaxtl.load_model("runs/my-run")        # an exported model
+    model, variables, info = jaxtl.load_pretrained("mobilenet_v2")  # published weights, converted once
 """
 
 # Must run before JAX creates its CPU backend: see jaxtl/_xla_flags.py for why.
@@ -29,6 +31,8 @@ from jaxtl.registry import Preprocessing, get_spec, list_models  # noqa: E402
 from jaxtl.models import create_model, init_variables  # noqa: E402
 from jaxtl.conversion import convert_state_dict  # noqa: E402
 from jaxtl.weights import read_state_dict  # noqa: E402
+from jaxtl.export import load_model, save_model  # noqa: E402
+from jaxtl.pretrained import load_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,6 +40,9 @@ __all__ = [
     "create_model",
     "convert_state_dict",
     "list_models",
+    "load_model",
+    "save_model",
+    "load_pretrained",
     "get_spec",
     "init_variables",
     "read_state_dict",

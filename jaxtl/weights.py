@@ -76,13 +76,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a weights file into ``{name: array}`` (see the module docstring)."""
+def check_weights_path(path: str | Path) -> Path:
+    """The path as a Path, or a WeightsError saying why it cannot be a weights file."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights file {path} does not exist; check the path given to --weights-file")
     if path.is_dir():
         raise WeightsError(f"weights path {path} is a directory; pass the .pth/.safetensors file inside it")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a weights file into ``{name: array}`` (see the module docstring)."""
+    path = check_weights_path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:

@@ -13,6 +13,8 @@ from jaxtl.registry import BackboneSpec, resolve
 
 # Importing a family registers its backbones.
 from jaxtl.models import resnet  # noqa: F401,E402
+from jaxtl.models import vit  # noqa: F401,E402
+from jaxtl.models import mobilenet  # noqa: F401,E402
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}

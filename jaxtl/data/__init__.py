@@ -1,0 +1,1 @@
+"""Data: decoding, preprocessing, sources, augmentation and the loader."""

@@ -1,0 +1,77 @@
+"""Decoding image files into RGB, and the accounting of files that are not images.
+
+Pillow opens JPEG, PNG, BMP, GIF, WebP (and more). Whatever the mode, the
+result is 8-bit RGB: EXIF orientation is applied (a phone photo taken
+sideways is shown upright), transparency is composited over white, 16-bit
+and 32-bit grey levels are scaled (not clipped) to 8 bits, CMYK is converted.
+A file that is not a readable image raises :class:`BadImageError`, which the
+data sources count and report instead of crashing mid-epoch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from jaxtl.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+# Pillow's own guard against decompression bombs (~179 Mpixel). Images above it
+# are refused as bad files rather than decoded into gigabytes of memory.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is a bad file, not a grey half-image
+
+
+class BadImageError(DataError):
+    """A file that cannot be decoded as an image (the message names it)."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode ``path`` as an 8-bit RGB PIL image."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadImageError(f"{path}: {im.width}x{im.height} pixels is over the "
+                                        f"{MAX_IMAGE_PIXELS} limit (decompression bomb?)")
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as e:
+        what = "truncated or corrupt image" if not isinstance(e, PermissionError) else "permission denied"
+        raise BadImageError(f"{path}: {what} ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB (see the module docstring for the rules)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if im.mode == "I" and arr.max() <= 255:
+            top = 255.0
+        grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

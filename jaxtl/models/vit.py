@@ -1,0 +1,494 @@
+"""Vision Transformer (ViT-Ti/S/B/L, patch 16) with timm's and torchvision's weights.
+
+timm's ``vit_*_patch16_224`` and torchvision's ``vit_b_16`` / ``vit_l_16`` are
+the same network (checked against the installed sources): pre-norm blocks
+with LayerNorm eps 1e-6, biased fused q/k/v projection, exact-erf GELU MLP of
+width 4 x D, a class token concatenated *before* the learned position
+embedding is added (so it has N + 1 positions), final LayerNorm, and a single
+Linear head on the class token (no pre-logits layer). Only the tensor names
+differ, so both libraries are sources of the same registry entries.
+
+Flax keeps q, k and v as three Dense layers; the key maps slice the fused
+PyTorch tensors (timm ``qkv``, torchvision ``in_proj_*``, both stacked q, k, v
+along the output rows).
+
+A ViT is built for one image size (its position embedding has one entry per
+patch). Building it for another size (``img_size=384``) and converting
+224-px weights resamples the position embedding during conversion, the way
+each source library does it (see :func:`resample_pos_embed`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from jaxtl.errors import ConfigError
+from jaxtl.models.layers import conv, dense, gelu_exact
+from jaxtl.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    LEAF_TO_TORCH,
+    BackboneSpec,
+    FlaxPath,
+    Preprocessing,
+    PretrainedWeights,
+    SourceSpec,
+    register,
+    timm_preprocessing,
+)
+
+# ---------------------------------------------------------------------------
+# Position-embedding resampling (numpy, run once at conversion time).
+
+
+def _cubic_kernel(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with coefficient ``a``."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def bicubic_weights(in_size: int, out_size: int, *, align_corners: bool = False,
+                    antialias: bool = False) -> np.ndarray:
+    """The (out_size, in_size) matrix of PyTorch's 1-D bicubic ``F.interpolate``.
+
+    Two different algorithms hide behind ``mode="bicubic"`` in PyTorch:
+
+    * ``antialias=False``: 4 taps at floor(src) - 1 ... + 2 with a = -0.75,
+      out-of-range taps clamped to the edge pixel (their weight accumulates
+      there). ``src = (i + 0.5) * in / out - 0.5`` or, with align_corners,
+      ``i * (in - 1) / (out - 1)``.
+    * ``antialias=True`` (PIL's resampling): a = -0.5, the kernel stretched by
+      the scale when downsampling, taps outside the image dropped and the
+      remaining weights renormalised to sum to 1. With align_corners only the
+      scale changes to (in - 1) / (out - 1); the centres stay at (i + 0.5) *
+      scale.
+
+    ``jax.image.resize`` implements neither exactly, hence this matrix.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ConfigError(f"cannot resize {in_size} -> {out_size} samples")
+    weights = np.zeros((out_size, in_size), np.float64)
+    if antialias:
+        if align_corners:
+            scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        else:
+            scale = in_size / out_size
+        stretch = max(scale, 1.0)        # widen the kernel only when shrinking
+        support = 2.0 * stretch
+        for i in range(out_size):
+            center = scale * (i + 0.5)
+            # int() truncates toward zero, as the C++ cast does.
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), in_size)
+            taps = np.arange(lo, hi)
+            w = _cubic_kernel((taps - center + 0.5) / stretch, -0.5)
+            total = w.sum()
+            weights[i, lo:hi] = w / total if total != 0.0 else w
+        return weights
+    for i in range(out_size):
+        if align_corners:
+            src = i * (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        else:
+            src = (i + 0.5) * in_size / out_size - 0.5   # not clamped at 0 for cubic
+        base = math.floor(src)
+        t = src - base
+        taps = _cubic_kernel(np.array([t + 1.0, t, 1.0 - t, 2.0 - t]), -0.75)
+        for offset, w in zip(range(-1, 3), taps):
+            weights[i, min(max(base + offset, 0), in_size - 1)] += w
+    return weights
+
+
+def resize_bicubic(x: np.ndarray, size: tuple[int, int], *, align_corners: bool = False,
+                   antialias: bool = False) -> np.ndarray:
+    """Resize the (H, W) axes of a channels-last array ``(..., H, W, C)`` like
+    ``F.interpolate(mode="bicubic")`` on the NCHW equivalent. Computed in float64."""
+    x = np.asarray(x)
+    h, w = x.shape[-3], x.shape[-2]
+    wh = bicubic_weights(h, size[0], align_corners=align_corners, antialias=antialias)
+    ww = bicubic_weights(w, size[1], align_corners=align_corners, antialias=antialias)
+    return np.einsum("oh,pw,...hwc->...opc", wh, ww, x.astype(np.float64))
+
+
+def resample_pos_embed(posemb, new_grid: int | tuple[int, int], num_prefix_tokens: int = 1, *,
+                       old_grid: tuple[int, int] | None = None, align_corners: bool = False,
+                       antialias: bool = True) -> np.ndarray:
+    """Resample a ``(1, prefix + gh * gw, D)`` position embedding to another patch grid.
+
+    The prefix (class token) entries are kept; the grid entries are resized
+    bicubically. The defaults are timm's (``resample_abs_pos_embed`` as called
+    by its checkpoint filter: align_corners=False, antialias=True).
+    torchvision's ``interpolate_embeddings`` uses align_corners=True,
+    antialias=False. The old grid is assumed square unless given.
+    """
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3:
+        raise ConfigError(f"position embedding must be (1, tokens, dim), got shape {posemb.shape}")
+    new_grid = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    n_grid = posemb.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(max(n_grid, 0))
+        if side * side != n_grid:
+            raise ConfigError(f"position embedding has {n_grid} grid tokens, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != n_grid:
+        raise ConfigError(f"old_grid {old_grid} does not match {n_grid} grid tokens")
+    if tuple(old_grid) == new_grid:
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    grid = grid.reshape(posemb.shape[0], old_grid[0], old_grid[1], posemb.shape[2])
+    grid = resize_bicubic(grid, new_grid, align_corners=align_corners, antialias=antialias)
+    grid = grid.reshape(posemb.shape[0], new_grid[0] * new_grid[1], posemb.shape[2]).astype(posemb.dtype)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+def _pos_embed_adapter(*, align_corners: bool, antialias: bool):
+    """SourceSpec.adapt: resample ``pos_embed`` when the model's grid differs."""
+
+    def adapt(path: FlaxPath, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray | None:
+        if path != ("params", "pos_embed") or value.ndim != 3 or len(target_shape) != 3:
+            return None
+        if value.shape[0] != target_shape[0] or value.shape[2] != target_shape[2]:
+            return None  # another width: a different architecture, not another resolution
+        side = math.isqrt(target_shape[1] - 1)
+        if side * side != target_shape[1] - 1:
+            return None
+        try:
+            return resample_pos_embed(value, side, 1, align_corners=align_corners, antialias=antialias)
+        except ConfigError:
+            return None  # not a square grid: reported as a wrong shape
+    return adapt
+
+
+# ---------------------------------------------------------------------------
+# The network.
+
+
+def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
+    """Stochastic depth per sample, scaled by 1 / keep (timm's ``drop_path``)."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    if keep <= 0.0:
+        return jnp.zeros_like(x)
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:
+    # Two-pass variance like PyTorch (the fast E[x^2] - E[x]^2 loses digits on
+    # the residual stream, whose mean is far from 0); statistics in float32.
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                        name=name)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections."""
+
+    num_heads: int
+    qkv_bias: bool = True
+    attn_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        proj = partial(dense, width, dtype=self.dtype, use_bias=self.qkv_bias)
+        split = (batch, tokens, self.num_heads, head_dim)
+        q = proj(name="query")(x).reshape(split)
+        k = proj(name="key")(x).reshape(split)
+        v = proj(name="value")(x).reshape(split)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(head_dim ** -0.5, q.dtype), k)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
+        y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(batch, tokens, width)
+        y = dense(width, dtype=self.dtype, name="proj")(y)
+        return nn.Dropout(self.proj_drop_rate)(y, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        width = x.shape[-1]
+        y = gelu_exact(dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)
+        y = dense(width, dtype=self.dtype, name="fc2")(y)
+        return nn.Dropout(self.drop_rate)(y, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    num_heads: int
+    mlp_hidden: int
+    qkv_bias: bool = True
+    ln_epsilon: float = 1e-6
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        y = _layer_norm(self.ln_epsilon, self.dtype, "norm1")(x)
+        y = SelfAttention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, self.dtype,
+                          name="attn")(y, deterministic)
+        x = x + _drop_path(self, y, self.drop_path_rate, deterministic)
+        y = _layer_norm(self.ln_epsilon, self.dtype, "norm2")(x)
+        y = Mlp(self.mlp_hidden, self.proj_drop_rate, self.dtype, name="mlp")(y, deterministic)
+        return x + _drop_path(self, y, self.drop_path_rate, deterministic)
+
+
+class VisionTransformer(nn.Module):
+    """ViT on NHWC float input of exactly ``img_size`` x ``img_size`` pixels.
+
+    Dropout follows timm's names: ``drop_rate`` before the head,
+    ``pos_drop_rate`` after the position embedding, ``proj_drop_rate`` after
+    the attention projection and in the MLP, ``attn_drop_rate`` on the
+    attention weights, ``drop_path_rate`` the stochastic-depth rate of the
+    last block (linear from 0 over the blocks). torchvision's ``dropout=p`` is
+    ``pos_drop_rate=proj_drop_rate=p``; its ``attention_dropout`` is
+    ``attn_drop_rate``. They are active only with ``train=True`` and only in
+    layer groups not named in ``frozen`` (rng stream ``"dropout"``).
+
+    ``features_only=True`` returns the class token after the final norm (the
+    head's input). ``axis_name`` is accepted for a uniform interface and
+    ignored: there is no BatchNorm.
+    """
+
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ln_epsilon: float = 1e-6
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    axis_name: str | None = None
+
+    def __post_init__(self):
+        for attr in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
+            value = getattr(self, attr)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ViT {attr} must be a positive integer, got {value!r}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"ViT img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
+                              f"use e.g. img_size={self.img_size // self.patch_size * self.patch_size or self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        for attr in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= float(getattr(self, attr)) <= 1.0:
+                raise ConfigError(f"ViT {attr} must be in [0, 1], got {getattr(self, attr)!r}")
+        super().__post_init__()
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    def _check_input(self, x) -> None:
+        if x.ndim != 4:
+            raise ConfigError(f"ViT expects NHWC images (batch, height, width, channels), got shape {x.shape}")
+        if x.shape[1] != self.img_size or x.shape[2] != self.img_size:
+            raise ConfigError(
+                f"this ViT was built for {self.img_size}x{self.img_size} images but got {x.shape[1]}x{x.shape[2]}; "
+                f"resize the images, or build the model with img_size=N (a multiple of {self.patch_size}; "
+                "converted position embeddings are resampled)")
+        if x.shape[3] != self.in_chans:
+            raise ConfigError(f"ViT expects {self.in_chans} channels (NHWC), got {x.shape[3]} (shape {x.shape})")
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
+        self._check_input(x)
+
+        def deterministic(group: str) -> bool:
+            return (not train) or (group in frozen)
+
+        batch = x.shape[0]
+        width, tokens = self.embed_dim, self.grid_size ** 2 + 1
+        x = x.astype(self.dtype)
+        # Kernel = stride = patch, no padding: one embedding per patch, row-major.
+        x = conv(width, self.patch_size, self.patch_size, 0, use_bias=True, dtype=self.dtype,
+                 name="patch_embed")(x)
+        x = x.reshape(batch, self.grid_size ** 2, width)
+        cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width), jnp.float32)
+        pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, tokens, width),
+                               jnp.float32)
+        # Class token first, then the position embedding over all N + 1 tokens.
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)), x], axis=1)
+        x = x + pos_embed.astype(self.dtype)
+        x = nn.Dropout(self.pos_drop_rate)(x, deterministic=deterministic("embed"))
+
+        hidden = int(width * self.mlp_ratio)
+        for i in range(self.depth):
+            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
+            x = EncoderBlock(self.num_heads, hidden, self.qkv_bias, self.ln_epsilon, self.proj_drop_rate,
+                             self.attn_drop_rate, rate, self.dtype, name=f"blocks_{i}")(x, deterministic(f"block{i}"))
+        x = _layer_norm(self.ln_epsilon, self.dtype, "norm")(x)
+        features = x[:, 0]
+        if features_only:
+            return features.astype(jnp.float32)
+        features = nn.Dropout(self.drop_rate)(features, deterministic=deterministic("head"))
+        return dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Weight names.
+
+_QKV_INDEX = {"query": 0, "key": 1, "value": 2}
+
+
+def _fused_slice(index: int, leaf: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows ``index * D : (index + 1) * D`` of a fused (3D, D) / (3D,) tensor, as a Flax leaf."""
+
+    def take(w: np.ndarray) -> np.ndarray:
+        d = w.shape[0] // 3
+        part = w[index * d:(index + 1) * d]
+        return part.T if leaf == "kernel" else part
+    return take
+
+
+def _vit_key_map(names: dict[str, str], block: Callable[[int], str], fused: tuple[str, str]):
+    """A key map from the per-source names of the top-level modules and block parts."""
+
+    def key_map(path: FlaxPath):
+        collection, *modules, leaf = path
+        if collection != "params":
+            raise KeyError(f"no PyTorch name for Flax leaf {'/'.join(path)}")
+        if not modules:                              # cls_token, pos_embed
+            return names[leaf]
+        torch_leaf = LEAF_TO_TORCH[(collection, leaf)]
+        top = modules[0]
+        if top.startswith("blocks_"):
+            prefix = block(int(top[len("blocks_"):]))
+            part = tuple(modules[1:])
+            if part[:1] == ("attn",) and part[1:] in (("query",), ("key",), ("value",)):
+                key = f"{prefix}.{fused[0] if leaf == 'kernel' else fused[1]}"
+                return key, _fused_slice(_QKV_INDEX[part[1]], leaf)
+            return f"{prefix}.{names['/'.join(part)]}.{torch_leaf}"
+        return f"{names[top]}.{torch_leaf}"
+    return key_map
+
+
+timm_key_map = _vit_key_map(
+    {"cls_token": "cls_token", "pos_embed": "pos_embed", "patch_embed": "patch_embed.proj", "norm": "norm",
+     "head": "head", "norm1": "norm1", "norm2": "norm2", "attn/proj": "attn.proj", "mlp/fc1": "mlp.fc1",
+     "mlp/fc2": "mlp.fc2"},
+    lambda i: f"blocks.{i}",
+    ("attn.qkv.weight", "attn.qkv.bias"),
+)
+
+torchvision_key_map = _vit_key_map(
+    {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "patch_embed": "conv_proj",
+     "norm": "encoder.ln", "head": "heads.head", "norm1": "ln_1", "norm2": "ln_2",
+     "attn/proj": "self_attention.out_proj", "mlp/fc1": "mlp.0", "mlp/fc2": "mlp.3"},
+    lambda i: f"encoder.layers.encoder_layer_{i}",
+    ("self_attention.in_proj_weight", "self_attention.in_proj_bias"),
+)
+
+# Each source resamples the position embedding the way its own library does
+# when 224-px weights meet a model built for another size, so converted
+# weights match what that library's model computes:
+# timm's checkpoint filter (resample_abs_pos_embed): bicubic, align_corners
+# False, antialias True (PIL-style kernel, a = -0.5);
+# torchvision's interpolate_embeddings: bicubic, align_corners True, no
+# antialias (a = -0.75). The two disagree by ~1e-2 of the embedding scale.
+timm_adapt = _pos_embed_adapter(align_corners=False, antialias=True)
+torchvision_adapt = _pos_embed_adapter(align_corners=True, antialias=False)
+
+
+# ---------------------------------------------------------------------------
+# Registry.
+
+# name: (embed_dim, depth, num_heads, timm default tag, torchvision name)
+_ARCHS = {
+    "vit_tiny_patch16_224": (192, 12, 3, "augreg_in21k_ft_in1k", None),
+    "vit_small_patch16_224": (384, 12, 6, "augreg_in21k_ft_in1k", None),
+    "vit_base_patch16_224": (768, 12, 12, "augreg2_in21k_ft_in1k", "vit_b_16"),
+    "vit_large_patch16_224": (1024, 24, 16, "augreg_in21k_ft_in1k", "vit_l_16"),
+}
+_LETTER = {192: "Ti", 384: "S", 768: "B", 1024: "L"}
+
+# timm's pretrained_cfg of those tags: 224 px, crop_pct 0.9, bicubic,
+# mean = std = 0.5 (the augreg models were trained in [-1, 1]).
+_TIMM_PRE = timm_preprocessing(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_STD)
+
+# torchvision's ViT_B_16_Weights / ViT_L_16_Weights. The SWAG end-to-end
+# weights (384 / 512 px) are left out: PretrainedWeights cannot say which
+# img_size to build the model for. The SWAG linear-classifier weights are
+# 224 px with the same architecture.
+_TV = "https://download.pytorch.org/models/"
+_TV_SWAG_LINEAR = Preprocessing(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
+_TORCHVISION_WEIGHTS = {
+    "vit_b_16": [("IMAGENET1K_V1", "vit_b_16-c867db91.pth", Preprocessing(224, 256)),
+                 ("IMAGENET1K_SWAG_LINEAR_V1", "vit_b_16_lc_swag-4e70ced5.pth", _TV_SWAG_LINEAR)],
+    "vit_l_16": [("IMAGENET1K_V1", "vit_l_16-852ce7e3.pth", Preprocessing(224, 242)),
+                 ("IMAGENET1K_SWAG_LINEAR_V1", "vit_l_16_lc_swag-4d563306.pth", _TV_SWAG_LINEAR)],
+}
+
+
+def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
+    repo = f"timm/{model}.{tag}"
+    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
+                             preprocessing, hf_repo=repo)
+
+
+def layer_groups(depth: int):
+    return (
+        ("embed", (("patch_embed",), ("cls_token",), ("pos_embed",))),
+        *[(f"block{i}", ((f"blocks_{i}",),)) for i in range(depth)],
+        ("norm", (("norm",),)),
+        ("head", (("head",),)),
+    )
+
+
+def _register_all() -> None:
+    for name, (width, depth, heads, timm_tag, tv_name) in _ARCHS.items():
+        sources = {"timm": SourceSpec("timm", name, timm_key_map, (_hf_weights(name, timm_tag, _TIMM_PRE),),
+                                      adapt=timm_adapt)}
+        aliases = {}
+        if tv_name is not None:
+            tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre)
+                               for tag, fname, pre in _TORCHVISION_WEIGHTS[tv_name])
+            sources["torchvision"] = SourceSpec("torchvision", tv_name, torchvision_key_map, tv_weights,
+                                                adapt=torchvision_adapt)
+            aliases[tv_name] = "torchvision"
+        register(BackboneSpec(
+            name=name,
+            family="vit",
+            constructor=partial(VisionTransformer, embed_dim=width, depth=depth, num_heads=heads, patch_size=16),
+            sources=sources,
+            layer_groups=layer_groups(depth),
+            head_path=("head",),
+            preprocessing=_TIMM_PRE,
+            default_source="timm",
+            num_features=width,
+            description=f"ViT-{_LETTER[width]}/16 ({depth} blocks, width {width}, {heads} heads), "
+                        "class-token pooling, built for 224 px (img_size=N resamples position embeddings)",
+        ), aliases=aliases)
+
+
+_register_all()

@@ -1,0 +1,139 @@
+"""``python -m jaxtl.predict``: top-k classes for image files.
+
+    python -m jaxtl.predict --backbone mobilenet_v2 photo.jpg other.png   # published ImageNet weights
+    python -m jaxtl.predict --checkpoint runs/digits photo.jpg             # a model you trained or converted
+
+Each image gets the backbone's own evaluation preprocessing (e.g. resize 256,
+center crop 224, ImageNet mean/std for torchvision's MobileNetV2 weights).
+An unreadable file is reported by path and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxtl.cli import run_cli
+from jaxtl.errors import ConfigError, DataError
+from jaxtl.registry import Preprocessing
+
+
+@dataclass
+class Predictor:
+    """A model, its variables, its preprocessing and its class names, ready to classify."""
+
+    model: Any
+    variables: Any
+    preprocessing: Preprocessing
+    class_names: list[str] | None
+    batch_size: int = 32
+
+    def __post_init__(self):
+        import jax
+
+        model = self.model
+        self._forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "Predictor":
+        from jaxtl.export import load_model
+
+        model, variables, meta = load_model(directory)
+        return cls(model, variables, Preprocessing.from_dict(meta["preprocessing"]), meta.get("class_names"))
+
+    @classmethod
+    def from_pretrained(cls, backbone: str, source: str | None = None, tag: str | None = None,
+                        weights_file: str | None = None, allow_download: bool = True) -> "Predictor":
+        from jaxtl.pretrained import load_pretrained
+
+        model, variables, info = load_pretrained(backbone, source, tag=tag, weights_file=weights_file,
+                                                 allow_download=allow_download)
+        return cls(model, variables, info.preprocessing, info.class_names)
+
+    def probabilities(self, images_nhwc: np.ndarray) -> np.ndarray:
+        """Normalised float32 NHWC -> class probabilities, in batches."""
+        out = []
+        for i in range(0, len(images_nhwc), self.batch_size):
+            chunk = images_nhwc[i:i + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size and len(images_nhwc) > self.batch_size:  # one compiled shape
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(np.asarray(self._forward(self.variables, chunk))[:n])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def name(self, index: int) -> str:
+        if self.class_names and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[tuple[str, int, float]]]:
+        k = min(k, probs.shape[-1])
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        return [[(self.name(int(j)), int(j), float(p[j])) for j in row] for p, row in zip(probs, order)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxtl.predict", description=__doc__.split("\n\n")[0])
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--backbone", help="a registered backbone with published weights, e.g. mobilenet_v2")
+    what.add_argument("--checkpoint", help="a folder written by python -m jaxtl.train or python -m jaxtl.convert")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, GIF, WebP, ...)")
+    p.add_argument("--source", choices=["torchvision", "timm"], default=None, help="weights source for --backbone")
+    p.add_argument("--tag", default=None, help="which published weights for --backbone (e.g. IMAGENET1K_V1)")
+    p.add_argument("--weights-file", default=None, help="a local .pth/.safetensors file for --backbone")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes to print per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
+    p.add_argument("--no-download", action="store_true", help="never download weights")
+    return p
+
+
+def predict(args: argparse.Namespace) -> int:
+    from jaxtl.data.decode import BadImageError, load_image
+    from jaxtl.data.transforms import eval_transform
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.checkpoint:
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+    else:
+        predictor = Predictor.from_pretrained(args.backbone, args.source, args.tag, args.weights_file,
+                                              allow_download=not args.no_download)
+    arrays, good, bad = [], [], []
+    for path in args.images:
+        try:
+            arrays.append(eval_transform(load_image(path), predictor.preprocessing))
+            good.append(path)
+        except BadImageError as e:
+            bad.append(str(e))
+    if good:
+        results = predictor.top_k(predictor.probabilities(np.stack(arrays)), args.top_k)
+        for path, top in zip(good, results):
+            if args.json:
+                print(json.dumps({"image": path, "top_k": [{"class": n, "index": i, "probability": round(p, 6)}
+                                                          for n, i, p in top]}))
+            else:
+                print(path)
+                for rank, (name, index, prob) in enumerate(top, 1):
+                    print(f"  {rank}. {name:<32} {prob:7.4f}  (class {index})")
+    for msg in bad:
+        print(f"skipped {msg}", file=sys.stderr)
+    if bad and not good:
+        raise DataError(f"none of the {len(bad)} image(s) could be read")
+    if bad:
+        print(f"{len(bad)} of {len(args.images)} image(s) skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(predict, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

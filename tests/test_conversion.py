@@ -1,0 +1,165 @@
+"""The converter accounts for every key, and says which one is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxtl
+from jaxtl.errors import ConfigError, ConversionError, UnknownModelError
+
+
+def resnet18_state(num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """A complete resnet18 state dict in torchvision naming, without torch."""
+    from flax import traverse_util
+
+    from jaxtl.conversion import _ref
+    from jaxtl.models import abstract_variables
+
+    spec = jaxtl.get_spec("resnet18")
+    src = spec.source("torchvision")
+    shapes = traverse_util.flatten_dict(abstract_variables(jaxtl.create_model("resnet18", num_classes), spec))
+    rng = np.random.default_rng(0)
+    out = {}
+    for path, sds in shapes.items():
+        key = _ref(src, path)[0]
+        shape = sds.shape
+        if len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        elif len(shape) == 2:
+            shape = (shape[1], shape[0])
+        out[key] = rng.standard_normal(shape).astype(np.float32)
+        if key.endswith(".running_mean"):
+            out[key.replace("running_mean", "num_batches_tracked")] = np.array(3, np.int64)
+    return out
+
+
+def test_unknown_backbone_lists_close_names():
+    with pytest.raises(UnknownModelError, match="did you mean resnet50"):
+        jaxtl.create_model("resnet05")
+    with pytest.raises(UnknownModelError, match="unknown backbone 'restnet18'.*resnet18"):
+        jaxtl.convert_state_dict("restnet18", {})
+
+
+def test_list_models():
+    names = jaxtl.list_models()
+    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"} <= set(names)
+    assert names == sorted(names)
+    assert jaxtl.list_models("resnet1*") == ["resnet101", "resnet152", "resnet18"]
+
+
+def test_complete_state_dict_converts():
+    v = jaxtl.convert_state_dict("resnet18", resnet18_state())
+    assert set(v) == {"params", "batch_stats"}
+    assert v["params"]["fc"]["kernel"].shape == (512, 1000)
+
+
+def test_missing_key_is_named():
+    state = resnet18_state()
+    del state["layer2.1.bn2.running_var"]
+    with pytest.raises(ConversionError, match=r"1 missing key\(s\): layer2\.1\.bn2\.running_var"):
+        jaxtl.convert_state_dict("resnet18", state)
+
+
+def test_unexpected_key_is_named():
+    state = resnet18_state()
+    state["layer5.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    with pytest.raises(ConversionError, match=r"1 unexpected key\(s\): layer5\.0\.conv1\.weight"):
+        jaxtl.convert_state_dict("resnet18", state)
+
+
+def test_wrong_shape_is_named():
+    state = resnet18_state()
+    state["layer1.0.conv1.weight"] = np.zeros((64, 64, 1, 1), np.float32)
+    with pytest.raises(ConversionError, match=r"wrong shape.*layer1\.0\.conv1\.weight \(64, 64, 1, 1\) "
+                                              r"\(model needs \(64, 64, 3, 3\)\)"):
+        jaxtl.convert_state_dict("resnet18", state)
+
+
+def test_other_architecture_is_refused():
+    from test_conversion import resnet18_state as r18
+
+    with pytest.raises(ConversionError, match="missing key.*another architecture"):
+        jaxtl.convert_state_dict("resnet50", r18())
+
+
+def test_head_keep_and_new():
+    state = resnet18_state()
+    with pytest.raises(ConversionError, match="head has 1000 classes but num_classes=10.*head='new'"):
+        jaxtl.convert_state_dict("resnet18", state, num_classes=10)
+    v = jaxtl.convert_state_dict("resnet18", state, head="new", num_classes=10, seed=3)
+    assert v["params"]["fc"]["kernel"].shape == (512, 10)
+    assert np.all(v["params"]["fc"]["bias"] == 0)
+    np.testing.assert_array_equal(v["params"]["layer1_0"]["conv1"]["kernel"],
+                                  state["layer1.0.conv1.weight"].transpose(2, 3, 1, 0))
+    again = jaxtl.convert_state_dict("resnet18", state, head="new", num_classes=10, seed=3)
+    np.testing.assert_array_equal(v["params"]["fc"]["kernel"], again["params"]["fc"]["kernel"])
+    # A headless checkpoint (e.g. a feature extractor) is fine for a new head only.
+    headless = {k: a for k, a in state.items() if not k.startswith("fc.")}
+    jaxtl.convert_state_dict("resnet18", headless, head="new", num_classes=4)
+    with pytest.raises(ConversionError, match="no classifier"):
+        jaxtl.convert_state_dict("resnet18", headless)
+    with pytest.raises(ConfigError, match="needs num_classes"):
+        jaxtl.convert_state_dict("resnet18", state, head="new")
+
+
+def test_unknown_source():
+    with pytest.raises(ConfigError, match="known sources: timm, torchvision"):
+        jaxtl.convert_state_dict("resnet18", resnet18_state(), source="keras")
+
+
+def test_non_tensor_values_are_refused():
+    state = resnet18_state()
+    state["fc.weight"] = "hello"
+    with pytest.raises(jaxtl.WeightsError, match="'fc.weight' is a str"):
+        jaxtl.convert_state_dict("resnet18", state)
+
+
+# --- the command line ------------------------------------------------------------
+
+
+def run_convert(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jaxtl.convert", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("source,suffix", [("torchvision", ".pth"), ("timm", ".safetensors")])
+def test_convert_cli_verify_and_load(tmp_path, source, suffix):
+    import torch
+
+    from jaxtl.torch_ref import build_torch_model
+
+    torch.manual_seed(0)
+    tmodel = build_torch_model("resnet18", source, num_classes=7)
+    weights = tmp_path / f"r18{suffix}"
+    if suffix == ".pth":
+        torch.save(tmodel.state_dict(), weights)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tmodel.state_dict().items()}, weights)
+    out = tmp_path / "converted"
+    r = run_convert("--backbone", "resnet18", "--source", source, "--weights-file", weights, "--out", out, "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "verify: max |delta|" in r.stdout and "OK" in r.stdout
+    model, variables, meta = jaxtl.load_model(out)
+    assert meta["backbone"] == "resnet18" and meta["source"] == source and meta["num_classes"] == 7
+    assert meta["weights"]["file"] == weights.name and len(meta["weights"]["sha256"]) == 64
+    x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
+    ref = tmodel.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy()
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x)), ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_convert_cli_errors_are_one_line(tmp_path):
+    r = run_convert("--backbone", "resnet5", "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown backbone 'resnet5'" in r.stderr
+    r = run_convert("--backbone", "resnet18", "--weights-file", tmp_path / "missing.pth", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_convert("--backbone", "resnet50", "--no-download", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "resnet50-11ad3fa6.pth" in r.stderr and "--weights-file" in r.stderr
+    assert not (tmp_path / "o").exists()
