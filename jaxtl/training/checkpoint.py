@@ -1,0 +1,119 @@
+"""Checkpoints (orbax) and the output folder's lock.
+
+* :class:`Checkpoints` keeps the latest ``keep`` checkpoints and the best one
+  by validation top-1 (orbax ``LatestN`` + ``BestN``). orbax writes each
+  checkpoint into a temporary folder and renames it when complete, so a crash
+  during a save leaves the previous checkpoints untouched and the half-written
+  one is ignored (and cleaned up) on the next start.
+* Each checkpoint stores the whole train state plus a JSON record of where the
+  run was (epoch, batch within the epoch, the partial epoch's metric sums,
+  the stage): enough for ``--resume`` to continue bit for bit.
+* :class:`RunLock` is an ``flock`` on ``<output>/.lock``: a second run on the
+  same folder is refused; the lock dies with its process (even ``kill -9``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+from jaxtl.errors import CheckpointError
+
+
+class RunLock:
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                owner = self.path.read_text().strip() or "another process"
+                raise CheckpointError(f"{self.path.parent} is in use by another training run ({owner}); "
+                                      "wait for it to finish or choose another --output") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _metric(metrics: Any) -> float:
+    return float(metrics["val_top1"])
+
+
+class Checkpoints:
+    """The run's checkpoints under ``<output>/checkpoints``."""
+
+    def __init__(self, directory: Path, keep: int = 2):
+        self.directory = Path(directory).absolute()
+        policy = cm.AnyPreservationPolicy([
+            cm.LatestN(n=max(keep, 1)),
+            cm.BestN(get_metric_fn=_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+                                               create=True, cleanup_tmp_directories=True)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointError(f"cannot use {self.directory} for checkpoints: {e.strerror or e}") from None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, record: dict, metrics: dict | None = None) -> None:
+        """Save synchronously; raises CheckpointError (previous checkpoints intact) on failure."""
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            record=ocp.args.JsonSave(record)),
+                              metrics=metrics, force=True)
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(f"saving the checkpoint of step {step} failed ({e.strerror or e}); the previous "
+                                  f"checkpoint in {self.directory} is intact; free some space and --resume") from None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for bad folders
+            raise CheckpointError(f"cannot restore checkpoint {step} from {self.directory} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                                  "it was written by a different configuration?") from None
+        return out["state"], dict(out["record"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree, the target orbax restores into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)

@@ -1,0 +1,123 @@
+"""Mapping the per-device steps over every device: shard_map (default) or pmap.
+
+The per-device step is written once (:mod:`jaxtl.training.step`) with
+collectives over the axis ``"data"``. Here it is mapped over a 1-D mesh of all
+devices and jitted:
+
+* ``shard_map`` (default; the pmap programming model on the API JAX recommends
+  since pmap went into maintenance): the train state is replicated (``P()``),
+  the batch is a global array split along its first axis (``P("data")``).
+* ``pmap``: the same function under ``jax.pmap``; the state goes in and out
+  unreplicated (``in_axes=None`` / ``out_axes=None``) and the batch is
+  reshaped to ``(devices, per_device, ...)``.
+
+Both run the same per-device program, so they give the same result. One
+device is a mesh of one. Multi-host: :func:`maybe_initialize_distributed`
+calls ``jax.distributed.initialize()`` when the environment describes a
+cluster; each process then loads its own slice of every batch and
+:func:`put_batch` assembles the global array from the local pieces.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtl.errors import ConfigError
+
+AXIS = "data"
+MAPPINGS = ("shard_map", "pmap")
+
+
+def maybe_initialize_distributed() -> bool:
+    """``jax.distributed.initialize()`` when the environment asks for several processes."""
+    wanted = any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "JAXTL_DISTRIBUTED"))
+    n = os.environ.get("JAX_NUM_PROCESSES")
+    if not wanted and not (n and int(n) > 1):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.distributed.initialize()
+    return True
+
+
+@dataclass
+class DataParallel:
+    """How steps and batches are spread over the devices."""
+
+    mapping: str = "shard_map"
+    devices: tuple = ()
+
+    def __post_init__(self):
+        if self.mapping not in MAPPINGS:
+            raise ConfigError(f"unknown mapping {self.mapping!r}; choose {' or '.join(MAPPINGS)}")
+        self.devices = tuple(self.devices) or tuple(jax.devices())
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def local_devices(self) -> list:
+        return [d for d in self.devices if d.process_index == jax.process_index()]
+
+    def check_batch_size(self, batch_size: int, what: str = "--batch-size") -> None:
+        if batch_size % self.num_devices:
+            raise ConfigError(f"{what} {batch_size} is not divisible by the {self.num_devices} devices; "
+                              f"use a multiple of {self.num_devices}")
+
+    # -- steps -------------------------------------------------------------------------
+
+    def train_step(self, step: Callable, donate: bool = True) -> Callable:
+        """(state, batch) -> (state, metrics); metrics are summed over devices."""
+        if self.mapping == "pmap":
+            return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None), devices=self.devices,
+                            donate_argnums=(0,) if donate else ())
+        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+        return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+
+    def eval_step(self, step: Callable) -> Callable:
+        """(variables, batch) -> metrics; ``pred`` stays per example, the sums are global."""
+        out_specs = {"loss_sum": P(), "correct": P(), "correct_topk": P(), "count": P(), "pred": P(AXIS)}
+        if self.mapping == "pmap":
+            out_axes = {k: (0 if k == "pred" else None) for k in out_specs}
+            return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=out_axes, devices=self.devices)
+        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs))
+
+    def map_batch_fn(self, fn: Callable, out_spec: Any = None) -> Callable:
+        """A function of (params, batch) with per-example outputs (feature caching)."""
+        if self.mapping == "pmap":
+            return jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), devices=self.devices)
+        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                                     out_specs=out_spec if out_spec is not None else P(AXIS)))
+
+    # -- data ----------------------------------------------------------------------------
+
+    def put_batch(self, batch: dict) -> Any:
+        """A host batch (this process's slice) -> what the mapped step takes."""
+        if self.mapping == "pmap":
+            n = len(self.local_devices)
+            return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+        sharding = NamedSharding(self.mesh, P(AXIS))
+        if jax.process_count() == 1:
+            return jax.device_put(batch, sharding)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+    def replicate(self, tree: Any) -> Any:
+        if self.mapping == "pmap":
+            return tree
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def unshard_per_example(self, x: Any) -> np.ndarray:
+        """Per-example outputs back to one host array in batch order."""
+        x = np.asarray(jax.device_get(x) if jax.process_count() == 1 else
+                       jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+        if self.mapping == "pmap":
+            x = x.reshape(-1, *x.shape[2:])
+        return x

@@ -1,0 +1,48 @@
+"""Shared layers: the tiny-map convolution path and BatchNorm's PyTorch semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxtl.models.layers import BatchNorm, _conv_by_taps
+
+
+@pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
+                                                         (4, 3, 2, 1, 1), (2, 1, 1, 0, 1), (5, 3, 1, 2, 2),
+                                                         (4, 7, 2, 3, 1)])
+def test_conv_by_taps_equals_xla_conv(hw, k, stride, padding, dilation):
+    kx, kw = jax.random.split(jax.random.key(hw * 100 + k))
+    x = jax.random.normal(kx, (3, hw, hw + 1, 8))
+    w = jax.random.normal(kw, (k, k, 8, 5))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
+                                        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def taps(x, w):
+        return _conv_by_taps(x, w, stride, padding, dilation)
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(taps(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+        loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+        g_taps = jax.grad(loss(taps), argnums=(0, 1))(x, w)
+        g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+    for a, b in zip(g_taps, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_updates_running_var_with_unbiased_variance():
+    x = jax.random.normal(jax.random.key(0), (4, 3, 3, 2)) * 3 + 1
+    bn = BatchNorm(momentum=0.9)
+    v = bn.init(jax.random.key(1), x, use_running_average=True)
+    y, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 2)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    # ... and normalises with the biased variance, like torch.nn.BatchNorm2d in train mode
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
+                               rtol=1e-4, atol=1e-5)
