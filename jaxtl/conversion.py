@@ -74,6 +74,8 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | N
     if head not in ("keep", "new"):
         raise ConfigError(f"head must be 'keep' or 'new', got {head!r}")
     arrays = unwrap_state_dict(state_dict, "state dict")
+    if src.rename_keys is not None:
+        arrays = src.rename_keys(arrays)
     ignored = {k for k in arrays if any(re.search(p, k) for p in src.ignore_keys)}
 
     ckpt_classes = checkpoint_num_classes(spec, src, arrays)

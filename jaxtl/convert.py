@@ -85,19 +85,12 @@ def verify(args, model, variables, info) -> float:
     """Same random batch through PyTorch and Flax; prints and checks max |delta|."""
     import jax
 
-    from jaxtl.torch_ref import build_torch_model, torch_forward
+    from jaxtl.torch_ref import load_torch_reference, torch_forward
     from jaxtl.weights import read_state_dict
 
     size = info.preprocessing.input_size
-    tmodel = build_torch_model(info.backbone, info.source, num_classes=info.checkpoint_num_classes,
-                               **({"img_size": args.img_size} if args.img_size else {}))
-    import torch
-
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in read_state_dict(info.file).items()}
-    missing, unexpected = tmodel.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"--verify: PyTorch could not load the file either (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+    tmodel = load_torch_reference(info.backbone, info.source, read_state_dict(info.file), img_size=args.img_size,
+                                  num_classes=info.checkpoint_num_classes)
     x = np.random.default_rng(args.seed).standard_normal((2, size, size, 3)).astype(np.float32)
     ref = torch_forward(tmodel, x)
     with jax.default_matmul_precision("highest"):

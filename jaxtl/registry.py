@@ -118,6 +118,11 @@ class SourceSpec:
     # adapt(flax_path, array, target_shape) -> adapted array, or None for "wrong shape".
     # ViTs use it to resample position embeddings to another image size.
     adapt: Callable[[FlaxPath, np.ndarray, tuple[int, ...]], np.ndarray | None] | None = None
+    # Applied to the checkpoint's {key: array} before any key is matched, so one
+    # key map serves several spellings of the same tensors (torchvision's
+    # published DenseNet files say "norm.1" where the module says "norm1").
+    # Returns the renamed dict; raises ConversionError if two keys collide.
+    rename_keys: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
     def default_weights(self) -> PretrainedWeights | None:
         return self.weights[0] if self.weights else None

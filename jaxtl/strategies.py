@@ -14,6 +14,8 @@ for a ResNet; ``embed, block0..block11, norm, head`` for a ViT-B).
   ``(epoch, group)`` pairs of ``unfreeze_at`` (fastai's ``freeze_to``, Lightning's
   ``BackboneFinetuning``). Each stage is a fixed set of frozen groups; the
   optimizer state of groups that were already training is carried over.
+* ``dann`` - domain-adversarial training (:mod:`jaxtl.dann`): groups train as in
+  ``finetune``, plus a domain classifier behind a gradient-reversal layer.
 
 Per-group learning-rate multipliers for trainable backbone groups, at most one of:
 ``lr_mults`` (explicit, like per-layer Adam param groups), ``lr_spread`` (the first
@@ -37,9 +39,13 @@ from flax import traverse_util
 from jaxtl.errors import ConfigError
 from jaxtl.registry import BackboneSpec
 
-STRATEGIES = ("feature_extract", "finetune", "progressive")
+STRATEGIES = ("feature_extract", "finetune", "progressive", "dann")
 FROZEN = "frozen"
 NO_DECAY_SUFFIX = "/no_decay"
+# Parameters outside the backbone's registry groups: DANN's domain classifier.
+# They always train, at the head's rate.
+DOMAIN_KEY = "domain_classifier"
+DOMAIN_GROUP = "domain"
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ class Strategy:
         if self.kind == "feature_extract":
             return groups[:-1]
         floor = self._floor(spec)
-        if self.kind == "finetune":
+        if self.kind in ("finetune", "dann"):
             return groups[:floor]
         starts = self._unfreeze_epochs(spec)
         return tuple(g for g in groups[:-1] if g not in starts or epoch < starts[g])
@@ -146,6 +152,11 @@ class Strategy:
 
     def lr_multipliers(self, spec: BackboneSpec) -> dict[str, float]:
         """Multiplier of the base learning rate for every group (head = 1)."""
+        mults = self._group_multipliers(spec)
+        mults[DOMAIN_GROUP] = mults[spec.group_names[-1]]  # the domain classifier learns at the head's rate
+        return mults
+
+    def _group_multipliers(self, spec: BackboneSpec) -> dict[str, float]:
         groups = spec.group_names
         n = len(groups)
         if self.lr_mults is not None:
@@ -193,7 +204,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
     flat = traverse_util.flatten_dict(_plain(params))
     labels = {}
     for path in flat:
-        group = spec.group_of(path)
+        group = DOMAIN_GROUP if path[0] == DOMAIN_KEY else spec.group_of(path)
         if group in frozen:
             labels[path] = FROZEN
         elif weight_decay and decays(path):
@@ -206,7 +217,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
 def all_labels(spec: BackboneSpec) -> tuple[str, ...]:
     """Every label a label tree of this backbone can contain."""
     out = [FROZEN]
-    for g in spec.group_names:
+    for g in (*spec.group_names, DOMAIN_GROUP):
         out += [g, g + NO_DECAY_SUFFIX]
     return tuple(out)
 

@@ -52,6 +52,41 @@ def build_torch_model(name: str, source: str | None = None, num_classes: int | N
     return model.eval()
 
 
+def load_torch_reference(name: str, source: str | None, state: dict, *, img_size: int | None = None,
+                         num_classes: int | None = None):
+    """The PyTorch model with ``state`` loaded the way its library loads it.
+
+    With ``img_size`` a ViT is built for that size and the checkpoint's
+    position embedding is resampled by the library itself (timm's
+    ``checkpoint_filter_fn``, torchvision's ``interpolate_embeddings``): the
+    reference for jaxtl's own resampling. CNNs take any size as they are.
+    """
+    torch = require_torch()
+    spec, implied = resolve(name)
+    src = spec.source(source or implied)
+    state = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+             for k, v in state.items()}
+    if img_size and spec.family == "vit":
+        if src.name == "timm":
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            model = build_torch_model(name, src.name, num_classes, img_size=img_size)
+            state = checkpoint_filter_fn(dict(state), model)
+        else:
+            from torchvision.models.vision_transformer import interpolate_embeddings
+
+            model = build_torch_model(name, src.name, num_classes, image_size=img_size)
+            patch = int(model.patch_size)
+            state = interpolate_embeddings(img_size, patch, dict(state))
+    else:
+        model = build_torch_model(name, src.name, num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"PyTorch could not load these weights into {src.model_name} either "
+                          f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return model.eval()
+
+
 def torch_forward(model, images_nhwc: np.ndarray, train: bool = False) -> np.ndarray:
     """Run a torch model on NHWC float32 images; returns numpy logits."""
     torch = require_torch()

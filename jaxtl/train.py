@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", help="an ImageFolder path (class sub-folders; optional train/ and val/), 'digits' "
-                                  f"(offline) or tfds:NAME (default {d['data']})")
+                                  f"(offline; 'digits-shifted' is a colour-shifted copy) or tfds:NAME "
+                                  f"(default {d['data']})")
     g.add_argument("--data-dir", help="tensorflow-datasets data folder for tfds:NAME")
     g.add_argument("--val-fraction", type=float, help="validation fraction when there is no val/ folder "
                                                       "(stratified, fixed seed; default 0.2)")
@@ -79,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="decoding threads (default 2)")
 
     g = p.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive"],
+    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive", "dann"],
                    help=f"feature_extract: only the head trains; finetune: everything trains, the backbone at "
-                        f"--backbone-lr-mult; progressive: feature extraction, then backbone groups unfreeze top-down "
+                        f"--backbone-lr-mult; progressive: feature extraction, then backbone groups unfreeze top-down; "
+                        f"dann: finetune plus domain-adversarial training towards --target-data "
                         f"(default {d['strategy']})")
     g.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = head rate x this (default 0.1)")
     g.add_argument("--freeze-until", help="keep the layer groups up to and including this one frozen (e.g. layer2)")
@@ -92,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-spread", type=float, help="geometric spread (fastai slice): the first group gets this x "
                                                    "the head's rate")
     g.add_argument("--lr-mults", help="explicit per-group multipliers GROUP=MULT,... e.g. layer4=0.5,head=1")
+    g.add_argument("--target-data", help="images of a target domain (a folder, digits-shifted or tfds:NAME): dann "
+                                         "trains on them without labels; every strategy reports the accuracy on "
+                                         "their validation split")
+    g.add_argument("--domain-weight", type=float, help="dann: weight of the domain loss (default 1)")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction,
                    help="feature_extract only: run the frozen backbone once (eval preprocessing, NO augmentation) "
                         "and train the head on the cached features")

@@ -163,3 +163,26 @@ def test_convert_cli_errors_are_one_line(tmp_path):
     r = run_convert("--backbone", "resnet50", "--no-download", "--out", tmp_path / "o")
     assert r.returncode == 2 and "resnet50-11ad3fa6.pth" in r.stderr and "--weights-file" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.torch
+def test_convert_cli_resamples_vit_and_verifies_against_the_library(tmp_path):
+    """--img-size: jaxtl's position-embedding resampling against timm's own, through the CLI."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jaxtl.torch_ref import build_torch_model
+
+    torch.manual_seed(0)
+    tmodel = build_torch_model("vit_tiny_patch16_224", "timm")
+    with torch.no_grad():
+        tmodel.pos_embed.normal_(0, 0.5)  # timm initialises it tiny; make resampling matter
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in tmodel.state_dict().items()}, weights)
+    r = run_convert("--backbone", "vit_tiny_patch16_224", "--source", "timm", "--weights-file", weights,
+                    "--img-size", "288", "--out", tmp_path / "vit288", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "at 288 px: OK" in r.stdout
+    model, variables, meta = jaxtl.load_model(tmp_path / "vit288")
+    assert meta["model_kwargs"] == {"img_size": 288} and meta["preprocessing"]["input_size"] == 288
+    assert variables["params"]["pos_embed"].shape[1] == 1 + 18 * 18

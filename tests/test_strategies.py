@@ -152,9 +152,11 @@ def test_progressive_unfreezes_top_down_on_schedule():
 
 def test_multipliers():
     spec = jaxtl.get_spec(NAME)  # stem, layer1..4, head
-    assert Strategy("finetune").lr_multipliers(spec) == {**{g: 0.1 for g in spec.group_names[:-1]}, "head": 1.0}
+    assert Strategy("finetune").lr_multipliers(spec) == {**{g: 0.1 for g in spec.group_names[:-1]}, "head": 1.0,
+                                                         "domain": 1.0}
     decay = Strategy("finetune", layer_decay=0.5).lr_multipliers(spec)
-    assert decay == {"stem": 0.0625, "layer1": 0.125, "layer2": 0.25, "layer3": 0.5, "layer4": 1.0, "head": 1.0}
+    assert decay == {"stem": 0.0625, "layer1": 0.125, "layer2": 0.25, "layer3": 0.5, "layer4": 1.0, "head": 1.0,
+                     "domain": 1.0}
     spread = Strategy("finetune", lr_spread=0.01).lr_multipliers(spec)
     assert spread["stem"] == pytest.approx(0.01) and spread["head"] == 1.0
     ratios = [spread[b] / spread[a] for a, b in zip(spec.group_names, spec.group_names[1:])]

@@ -96,24 +96,14 @@ def test_parity_eval_and_train(name, source, record_property):
 def _torch_resampled(name: str, source: str, img_size: int, seed: int):
     """(224-px state dict, torch model built for img_size loaded from it the library's way)."""
     import torch
-    from jaxtl.torch_ref import build_torch_model
+    from jaxtl.torch_ref import build_torch_model, load_torch_reference
 
     torch.manual_seed(seed)
     small = build_torch_model(name, source)
     randomize_norm_layers(small, seed)
     randomize_vit(small, seed)
     state = {k: v.clone() for k, v in small.state_dict().items()}
-    if source == "timm":
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        big = build_torch_model(name, source, img_size=img_size)
-        # What timm.create_model(name, pretrained=True, img_size=...) does with 224-px weights.
-        big.load_state_dict(checkpoint_filter_fn(dict(state), big))
-    else:
-        from torchvision.models.vision_transformer import interpolate_embeddings
-
-        big = build_torch_model(name, source, image_size=img_size)
-        big.load_state_dict(interpolate_embeddings(img_size, 16, dict(state)))
+    big = load_torch_reference(name, source, dict(state), img_size=img_size)
     disable_dropout(big)
     return state, big.eval()
 

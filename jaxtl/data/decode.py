@@ -10,7 +10,7 @@ data sources count and report instead of crashing mid-epoch.
 
 from __future__ import annotations
 
-import warnings
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,9 @@ from jaxtl.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
-# Pillow's own guard against decompression bombs (~179 Mpixel). Images above it
-# are refused as bad files rather than decoded into gigabytes of memory.
+# Pillow's own guard against decompression bombs (Image.MAX_IMAGE_PIXELS, ~89 Mpixel in
+# Pillow 13, ~179 Mpixel before). Images above it are refused as bad files rather than
+# decoded into gigabytes of memory. Read at call time, so it can be lowered.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 178_956_970
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is a bad file, not a grey half-image
 
@@ -34,31 +35,51 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def file_error_reason(e: OSError) -> str | None:
+    """The reason for an OSError that is about the file itself, not its content (None otherwise)."""
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, not a file"
+    if getattr(e, "errno", None) == errno.ELOOP:
+        return "symbolic link loop"
+    return None
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode ``path`` as an 8-bit RGB PIL image."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise BadImageError(f"{path}: {im.width}x{im.height} pixels is over the "
-                                        f"{MAX_IMAGE_PIXELS} limit (decompression bomb?)")
-                im.load()
-                return to_rgb(ImageOps.exif_transpose(im))
+        # No warnings.catch_warnings() here: it swaps the process-wide filter list and is not
+        # thread-safe, and the loader calls this from several threads at once (concurrent use
+        # left a stray "error" filter behind). The explicit size check below refuses what
+        # Pillow only warns about; Pillow itself raises DecompressionBombError above twice that.
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise BadImageError(f"{path}: {im.width}x{im.height} pixels is over the "
+                                    f"{MAX_IMAGE_PIXELS} limit (decompression bomb?)")
+            im.load()
+            return to_rgb(ImageOps.exif_transpose(im))
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as e:
-        what = "truncated or corrupt image" if not isinstance(e, PermissionError) else "permission denied"
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        # Name file-system problems as such (a symlink loop is not a "corrupt image").
+        what = (file_error_reason(e) if isinstance(e, OSError) else None) or "truncated or corrupt image"
         raise BadImageError(f"{path}: {what} ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB (see the module docstring for the rules)."""
+    if im.mode in ("RGB", "L") and im.info.get("transparency") is not None:
+        # A PNG colour key (tRNS): pixels of that colour are transparent, so they too are
+        # composited over white (returning the RGB image as is showed the key colour).
+        im = im.convert("RGBA")
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

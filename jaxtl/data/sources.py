@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxtl.data.decode import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, BadImageError, load_image, to_rgb
+from jaxtl.data import decode
+from jaxtl.data.decode import IMAGE_EXTENSIONS, BadImageError, file_error_reason, load_image, to_rgb
 from jaxtl.errors import ConfigError, DataError
 
 VAL_DIR_NAMES = ("val", "valid", "validation", "test")
@@ -93,6 +94,13 @@ class ArraySource(Source):
             raise DataError(f"images must be (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {images.shape}")
         if len(images) != len(self.labels):
             raise DataError(f"{len(images)} images but {len(self.labels)} labels")
+        if images.dtype != np.uint8 and np.issubdtype(images.dtype, np.integer):
+            # Integer arrays (numpy's default int64, uint16...) holding 0..255 are 8-bit images;
+            # they used to fall into the float branch and be refused as "float images".
+            if images.size and (images.min() < 0 or images.max() > 255):
+                raise DataError(f"integer images must be in [0, 255]; got {images.dtype} values from "
+                                f"{images.min()} to {images.max()}")
+            images = images.astype(np.uint8)
         if images.dtype != np.uint8:
             if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1.0 or not np.isfinite(images).all()):
                 raise DataError("float images must be finite and in [0, 1]; pass uint8 for [0, 255]")
@@ -235,20 +243,21 @@ def check_file(path: Path, full: bool = False) -> str | None:
         st = path.stat()
         if st.st_size == 0:
             return "empty file (0 bytes)"
+        # decode.MAX_IMAGE_PIXELS is read here at call time (it was imported by value, so a
+        # lowered limit reached load_image but not this check).
+        limit = decode.MAX_IMAGE_PIXELS
         with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                return f"{im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)"
+            if im.width * im.height > limit:
+                return f"{im.width}x{im.height} pixels is over the {limit} limit (decompression bomb?)"
             if im.width < 1 or im.height < 1:
                 return "image has no pixels"
         return None
     except BadImageError as e:
         return str(e).split(": ", 1)[-1]
-    except PermissionError:
-        return "permission denied"
+    except Image.DecompressionBombError as e:  # Pillow refuses over twice its limit: say so
+        return f"refused as a decompression bomb ({e})"
     except OSError as e:
-        if getattr(e, "errno", None) == 40:  # ELOOP
-            return "symbolic link loop"
-        return f"not a readable image ({type(e).__name__}: {str(e)[:60]})"
+        return file_error_reason(e) or f"not a readable image ({type(e).__name__}: {str(e)[:60]})"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on hostile input
         return f"not a readable image ({type(e).__name__})"
 
@@ -284,7 +293,9 @@ def folder_dataset(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0
         vpaths, vlabels, _ = _read_folder(val_dir, class_names=names)
         val = FileSource(vpaths, vlabels, names)
     else:
-        paths, labels, names = _read_folder(root)
+        # Only a train/ folder (no val): split it, rather than reading "train" as a class.
+        split_root = root / "train" if (root / "train").is_dir() and _only_subfolder(root, "train") else root
+        paths, labels, names = _read_folder(split_root)
         whole = FileSource(paths, labels, names)
         whole, bad = scan_files(whole, strict=strict)
         tr, va = stratified_split(whole.labels, val_fraction, seed)
@@ -295,7 +306,19 @@ def folder_dataset(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0
     train, bad_train = scan_files(train, strict=strict)
     val, bad_val = scan_files(val, strict=strict)
     _require_all_classes(train, val, names, root)
+    # The same rule as for a missing val class folder, once unreadable files are dropped
+    # (a val class folder holding only broken files used to pass silently).
+    missing = [names[c] for c in range(len(names)) if c not in set(val.labels.tolist())]
+    if missing:
+        raise DataError(f"{val_dir} lacks training class(es) {', '.join(missing[:5])} once unreadable files are "
+                        "skipped; every class needs validation images (or drop the val folder to split train "
+                        "by --val-fraction)")
     return Dataset(train, val, names, str(root), bad_train + bad_val)
+
+
+def _only_subfolder(root: Path, name: str) -> bool:
+    subs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return subs == [name]
 
 
 def _require_all_classes(train: Source, val: Source, names: list[str], where: Any) -> None:
@@ -311,8 +334,11 @@ def _require_all_classes(train: Source, val: Source, names: list[str], where: An
 # digits, tfds, arrays
 
 
-def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """scikit-learn's handwritten digits: 8x8 grey levels 0..16 -> uint8 RGB."""
+def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool = False) -> Dataset:
+    """scikit-learn's handwritten digits: 8x8 grey levels 0..16 -> uint8 RGB.
+
+    ``shifted``: the colour-shifted target domain of :mod:`jaxtl.data.domains`.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:  # pragma: no cover - a core dependency
@@ -320,10 +346,15 @@ def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(images[..., None], 3, axis=-1)
+    if shifted:
+        from jaxtl.data.domains import shift_digits
+
+        images = shift_digits(images)
     names = [str(c) for c in d.target_names]
     whole = ArraySource(images, d.target.astype(np.int32), names)
     tr, va = stratified_split(whole.labels, val_fraction, seed)
-    return Dataset(whole.subset(tr), whole.subset(va), names, "digits", flip_invariant=False)
+    return Dataset(whole.subset(tr), whole.subset(va), names, "digits-shifted" if shifted else "digits",
+                   flip_invariant=False)
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
@@ -334,6 +365,8 @@ def array_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
     train = ArraySource(images, labels, names)
     if val_images is not None:
+        if val_labels is None:
+            raise DataError("val_images needs val_labels")
         return Dataset(train, ArraySource(val_images, val_labels, names), names, name)
     tr, va = stratified_split(train.labels, val_fraction, seed)
     return Dataset(train.subset(tr), train.subset(va), names, name)
@@ -363,12 +396,23 @@ def tfds_dataset(name: str, *, data_dir: str | None = None, val_fraction: float 
         raise DataError(f"tfds:{name} has no image feature")
     try:
         val_split = next((s for s in ("validation", "test") if s in splits), None)
-        train_ds = tfds.data_source(name, split="train", data_dir=data_dir)
-        val_ds = tfds.data_source(name, split=val_split, data_dir=data_dir) if val_split else None
+        # download=False: an unprepared dataset is reported, not downloaded and built here
+        # (that needs TensorFlow; the default download=True started a download and then failed
+        # with an unrelated import error).
+        train_ds = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+        val_ds = tfds.data_source(name, split=val_split, data_dir=data_dir, download=False) if val_split else None
     except Exception as e:  # noqa: BLE001
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise DataError(f"tfds:{name} is not prepared in {where} ({msg}); prepare it with "
-                        f"`tfds build {name}` (needs network and TensorFlow) or pass --data-dir") from None
+        looked = getattr(builder, "data_dir", None) or where
+        try:
+            prepared = builder.is_prepared()
+        except Exception:  # noqa: BLE001
+            prepared = False
+        # tfds' own message for missing data talks about file formats; only show it when
+        # something *is* there (e.g. prepared as TFRecord rather than ArrayRecord).
+        msg = (str(e).splitlines()[0][:120] if str(e) else type(e).__name__) if prepared else "no prepared data"
+        raise DataError(f"tfds:{name} is not prepared in {where} (looked in {looked}: {msg}); prepare it with "
+                        f"`tfds build {name} --file_format=array_record` (needs network and TensorFlow) "
+                        "or pass --data-dir") from None
     train = TfdsSource(train_ds, class_names, image_key, "label", f"tfds:{name}/train")
     if val_ds is not None:
         val = TfdsSource(val_ds, class_names, image_key, "label", f"tfds:{name}/{val_split}")
@@ -379,9 +423,9 @@ def tfds_dataset(name: str, *, data_dir: str | None = None, val_fraction: float 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.2, seed: int = 0,
                  limit_per_class: int | None = None, strict: bool = False) -> Dataset:
-    """``--data``: a folder path, ``digits`` or ``tfds:NAME``."""
-    if spec == "digits":
-        ds = digits_dataset(val_fraction=val_fraction, seed=seed)
+    """``--data``: a folder path, ``digits`` (``digits-shifted``: its colour-shifted domain) or ``tfds:NAME``."""
+    if spec in ("digits", "digits-shifted"):
+        ds = digits_dataset(val_fraction=val_fraction, seed=seed, shifted=spec == "digits-shifted")
     elif spec.startswith("tfds:"):
         ds = tfds_dataset(spec[5:], data_dir=data_dir, val_fraction=val_fraction, seed=seed)
     else:

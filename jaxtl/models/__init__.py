@@ -10,11 +10,16 @@ import numpy as np
 
 from jaxtl.errors import ConfigError
 from jaxtl.registry import BackboneSpec, resolve
+from jaxtl.rng import make_key
 
 # Importing a family registers its backbones.
 from jaxtl.models import resnet  # noqa: F401,E402
 from jaxtl.models import vit  # noqa: F401,E402
 from jaxtl.models import mobilenet  # noqa: F401,E402
+from jaxtl.models import vgg  # noqa: F401,E402
+from jaxtl.models import densenet  # noqa: F401,E402
+from jaxtl.models import efficientnet  # noqa: F401,E402
+from jaxtl.models import convnext  # noqa: F401,E402
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -68,6 +73,6 @@ def abstract_variables(model, spec: BackboneSpec) -> dict:
 def init_variables(model, spec: BackboneSpec, rng: jax.Array | int = 0) -> dict:
     """Freshly initialised variables (``{"params", "batch_stats"}``), jitted."""
     if isinstance(rng, int):
-        rng = jax.random.key(rng)
+        rng = make_key(rng)
     x = dummy_input(model, spec)
     return jax.jit(lambda r: model.init(r, x, train=False))(rng)

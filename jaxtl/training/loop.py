@@ -32,6 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxtl.dann import ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
@@ -41,7 +42,8 @@ from jaxtl.models import as_dtype, create_model, init_variables
 from jaxtl.optim import OptimConfig, carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
-from jaxtl.strategies import Stage, Strategy, all_labels, check_label_tree, label_tree, trainable_mask
+from jaxtl.strategies import (DOMAIN_KEY, Stage, Strategy, all_labels, check_label_tree, label_tree,
+                              trainable_mask)
 from jaxtl.training.checkpoint import Checkpoints, RunLock, abstract_like
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
@@ -79,6 +81,9 @@ class TrainConfig:
     output: str = "runs/default"
     resume: bool = False
     cache_features: bool = False
+    target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
+                                           # every strategy reports accuracy on their validation split
+    domain_weight: float = 1.0             # dann: weight of the domain loss
     mapping: str = "shard_map"
     workers: int = 2
     keep_checkpoints: int = 2
@@ -120,6 +125,11 @@ class TrainConfig:
         if self.cache_features and self.strategy.kind != "feature_extract":
             raise ConfigError(f"--cache-features only works with --strategy feature_extract (the backbone must be "
                               f"frozen for its features to be cached), not {self.strategy.kind}")
+        if self.strategy.kind == "dann" and not self.target_data:
+            raise ConfigError("--strategy dann needs --target-data (images of the target domain: a folder, "
+                              "digits-shifted or tfds:NAME)")
+        if self.domain_weight < 0:
+            raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
         if self.cache_features and self.color_jitter:
             raise ConfigError("--cache-features computes features once without augmentation; drop --color-jitter")
         if self.weights not in ("pretrained", "none"):
@@ -232,10 +242,25 @@ class Trainer:
         self.num_classes = self.data.num_classes
         self.log(f"data {self.data.name}: {len(self.data.train)} training / {len(self.data.val)} validation "
                  f"images, {self.num_classes} classes [{time.perf_counter() - t0:.1f} s]")
+        self.target: Dataset | None = None
+        self.adversarial = cfg.strategy.kind == "dann"
+        if cfg.target_data:
+            self.target = load_dataset(cfg.target_data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
+                                       seed=cfg.seed, strict=cfg.strict)
+            if self.target.skipped:
+                self._record_bad(self.target.skipped)
+            # The target's labels only serve evaluation, and only if its classes are the source's.
+            self.target_labelled = self.target.class_names == self.data.class_names
+            self.log(f"target domain {self.target.name}: "
+                     + (f"{len(self.target.train)} unlabelled training images, " if self.adversarial else "")
+                     + (f"{len(self.target.val)} labelled validation images" if self.target_labelled else
+                        "its classes differ from the source's: no target accuracy"))
 
         self._load_weights()
         self.model = create_model(self.spec.name, self.num_classes, source=self.source, dtype=cfg.dtype,
                                   axis_name=AXIS, **self.model_kwargs)
+        if self.adversarial:
+            self.variables["params"][DOMAIN_KEY] = init_domain_classifier(self._num_features(), cfg.seed)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
         self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter)
@@ -246,9 +271,19 @@ class Trainer:
 
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
                          put=self.dp.put_batch)
+        # DANN merges source and target batches before they go to the devices.
+        train_kw = {**loader_kw, "put": None} if self.adversarial else loader_kw
         self.train_loader = Loader(self.data.train, self.pre, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                                   **loader_kw)
+                                   **train_kw)
         self.val_loader = Loader(self.data.val, self.pre, batch_size=self.eval_batch_size, train=False, **loader_kw)
+        self.target_loader = self.target_val_loader = None
+        if self.target is not None:
+            if self.adversarial:
+                self.target_loader = Loader(self.target.train, self.pre, batch_size=cfg.batch_size, train=True,
+                                            seed=cfg.seed + 1, **train_kw)
+            if self.target_labelled:
+                self.target_val_loader = Loader(self.target.val, self.pre, batch_size=self.eval_batch_size,
+                                                train=False, **loader_kw)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.cache_features:
             self._cache_features(loader_kw)
@@ -302,6 +337,13 @@ class Trainer:
                      f"sha256 {info.sha256[:8]}); new {self.num_classes}-class head")
         self.pre = pre.at_size(cfg.img_size) if cfg.img_size else pre
 
+    def _num_features(self) -> int:
+        """Width of the pooled features (what the head and DANN's domain classifier see)."""
+        size = self.pre.input_size
+        shape = jax.eval_shape(lambda v: self.model.apply(v, np.zeros((1, size, size, 3), np.float32),
+                                                          features_only=True), self.variables)
+        return int(shape.shape[-1])
+
     # -- compiled steps per stage -------------------------------------------------------------
 
     def stage_for(self, epoch: int) -> Stage:
@@ -317,12 +359,20 @@ class Trainer:
             check_label_tree(labels, self.variables["params"])
             tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                 self.cfg.epochs)
-            if self.cfg.cache_features:
-                forward = head_forward(self.spec.head_path, float(getattr(self.model, "drop_rate", 0.0) or 0.0))
+            drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
+            if self.adversarial:
+                step = make_dann_step(self.model, tx, frozen=stage.frozen, trainable=trainable_mask(labels),
+                                      head_path=self.spec.head_path, num_classes=self.num_classes,
+                                      prepare=self.prepare_train, total_steps=self.steps_per_epoch * self.cfg.epochs,
+                                      domain_weight=self.cfg.domain_weight, drop_rate=drop_rate,
+                                      label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
             else:
-                forward = image_forward(self.model, frozen=stage.frozen, prepare=self.prepare_train)
-            step = make_train_step(forward, tx, trainable=trainable_mask(labels), num_classes=self.num_classes,
-                                   label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
+                if self.cfg.cache_features:
+                    forward = head_forward(self.spec.head_path, drop_rate)
+                else:
+                    forward = image_forward(self.model, frozen=stage.frozen, prepare=self.prepare_train)
+                step = make_train_step(forward, tx, trainable=trainable_mask(labels), num_classes=self.num_classes,
+                                       label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
             self._compiled[stage.index] = (labels, tx, self.dp.train_step(step))
         return self._compiled[stage.index]
 
@@ -380,18 +430,21 @@ class Trainer:
         _, tx, _ = self.compiled(stage)
         return self.dp.replicate(create_train_state(self.variables, tx, self.cfg.seed, plateau_init(self.cfg.optim)))
 
-    def evaluate(self, state: TrainState) -> dict:
+    def evaluate(self, state: TrainState, loader=None) -> dict:
+        """Loss, top-1, top-5 and predictions on a validation loader (default: the source's)."""
+        loader = loader or self.val_loader
         evaluate = self._eval_fn()
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        params = {k: v for k, v in state.params.items() if k != DOMAIN_KEY}
+        variables = {"params": params, "batch_stats": state.batch_stats}
         sums = {"loss_sum": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
         preds = []
-        for batch in self.val_loader.epoch(0):
+        for batch in loader.epoch(0):
             out = evaluate(variables, batch)
             for k in sums:
                 sums[k] += float(out[k])
             preds.append(self.dp.unshard_per_example(out["pred"]))
-        self._note_bad(self.val_loader)
-        n = len(self.val_loader.labels if isinstance(self.val_loader, ArrayLoader) else self.data.val)
+        self._note_bad(loader)
+        n = loader.n
         pred = np.concatenate(preds)[:n]
         count = max(sums["count"], 1.0)
         return {"val_loss": sums["loss_sum"] / count, "val_top1": sums["correct"] / count,
@@ -443,7 +496,7 @@ class Trainer:
                     stage = new_stage
                 _, _, train_step = self.compiled(stage)
                 t0 = time.perf_counter()
-                sums = dict(partial_sums or {"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
+                sums = dict(partial_sums or self._zero_sums())
                 first = start_batch if epoch == start_epoch else 0
                 state, sums, nonfinite, stopped_at = self._train_epoch(state, train_step, epoch, first, sums,
                                                                        nonfinite, signals)
@@ -468,6 +521,16 @@ class Trainer:
                     "lr": float(schedule(opt_steps)) * float(jax.device_get(state.plateau.scale)),
                     "seconds": time.perf_counter() - t0, "step": int(state.step),
                 }
+                if self.adversarial:
+                    dcount = max(sums["domain_count"], 1.0)
+                    record.update(domain_loss=sums["domain_loss_sum"] / dcount,
+                                  domain_acc=sums["domain_correct"] / dcount,
+                                  dann_lambda=float(ganin_lambda(int(state.step) / (self.steps_per_epoch
+                                                                                   * cfg.epochs))))
+                if self.target_val_loader is not None:
+                    target_eval = self.evaluate(state, self.target_val_loader)
+                    record.update(target_val_loss=target_eval["val_loss"], target_val_top1=target_eval["val_top1"],
+                                  target_val_top5=target_eval["val_top5"])
                 if nonfinite:
                     record["nonfinite_skipped"] = nonfinite
                 records.append(record)
@@ -508,7 +571,7 @@ class Trainer:
                 bar.update(1)
 
         try:
-            for batch in self.train_loader.epoch(epoch, first_batch):
+            for batch in self._batches(epoch, first_batch):
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     consume(pending)
@@ -526,6 +589,31 @@ class Trainer:
             return state, sums, nonfinite, batch_index
         return state, sums, nonfinite, None
 
+    def _batches(self, epoch: int, first: int):
+        if self.target_loader is None:
+            yield from self.train_loader.epoch(epoch, first)
+            return
+        # The target batch of global step s is fixed by s alone, so a resumed run sees the same pairs.
+        target = self._target_stream(epoch * self.steps_per_epoch + first)
+        try:
+            for batch in self.train_loader.epoch(epoch, first):
+                t = next(target)
+                yield self.dp.put_batch({**batch, "target_image": t["image"], "target_weight": t["weight"]})
+        finally:
+            target.close()
+
+    def _target_stream(self, step: int):
+        e, b = divmod(step, len(self.target_loader))
+        while True:
+            yield from self.target_loader.epoch(e, b)
+            e, b = e + 1, 0
+
+    def _zero_sums(self) -> dict:
+        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        if self.adversarial:
+            sums.update(domain_loss_sum=0.0, domain_correct=0.0, domain_count=0.0)
+        return sums
+
     def _save(self, state, epoch: int, batch: int, stage: Stage, partial_sums, nonfinite: int, metrics) -> None:
         record = {"epoch": epoch, "batch": batch, "stage": stage.index, "partial": partial_sums,
                   "nonfinite_skipped": nonfinite}
@@ -540,7 +628,8 @@ class Trainer:
             template = self.initial_state(self.stages[int(record["stage"])])
             export_state, _ = self.ckpts.restore(best, abstract_like(template))
         final = records[-1] if records else {}
-        variables = jax.device_get({"params": export_state.params, "batch_stats": export_state.batch_stats})
+        params = {k: v for k, v in export_state.params.items() if k != DOMAIN_KEY}  # DANN's adversary stays behind
+        variables = jax.device_get({"params": params, "batch_stats": export_state.batch_stats})
         meta = {
             "backbone": self.spec.name, "source": self.source, "num_classes": self.num_classes,
             "class_names": self.data.class_names, "preprocessing": self.pre.to_dict(),
@@ -548,7 +637,7 @@ class Trainer:
             "training": {"data": cfg.data, "strategy": cfg.strategy.kind, "epochs": cfg.epochs,
                          "exported": cfg.export, "val_top1": final.get("val_top1"),
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
-                         "seed": cfg.seed},
+                         "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},
         }
         path = save_model(self.out, variables, meta)
         if records:

@@ -12,7 +12,11 @@ devices and jitted:
   reshaped to ``(devices, per_device, ...)``.
 
 Both run the same per-device program, so they give the same result. One
-device is a mesh of one. Multi-host: :func:`maybe_initialize_distributed`
+device is a mesh of one. shard_map runs with ``check_vma=False``: the step
+sums its gradients across devices explicitly, as under pmap. (With varying-
+axis tracking on, autodiff would already sum the gradients of the replicated
+parameters - the transpose of broadcasting them - and the explicit ``psum``
+would count them once per device.) Multi-host: :func:`maybe_initialize_distributed`
 calls ``jax.distributed.initialize()`` when the environment describes a
 cluster; each process then loads its own slice of every batch and
 :func:`put_batch` assembles the global array from the local pieces.
@@ -79,7 +83,7 @@ class DataParallel:
         if self.mapping == "pmap":
             return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None), devices=self.devices,
                             donate_argnums=(0,) if donate else ())
-        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
         return jax.jit(mapped, donate_argnums=(0,) if donate else ())
 
     def eval_step(self, step: Callable) -> Callable:
@@ -88,14 +92,15 @@ class DataParallel:
         if self.mapping == "pmap":
             out_axes = {k: (0 if k == "pred" else None) for k in out_specs}
             return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=out_axes, devices=self.devices)
-        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs))
+        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
+                                     check_vma=False))
 
     def map_batch_fn(self, fn: Callable, out_spec: Any = None) -> Callable:
         """A function of (params, batch) with per-example outputs (feature caching)."""
         if self.mapping == "pmap":
             return jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), devices=self.devices)
         return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
-                                     out_specs=out_spec if out_spec is not None else P(AXIS)))
+                                     out_specs=out_spec if out_spec is not None else P(AXIS), check_vma=False))
 
     # -- data ----------------------------------------------------------------------------
 

@@ -52,6 +52,10 @@ def epoch_line(r: dict, epochs: int) -> str:
              f"train loss {r['train_loss']:.4f} acc {r['train_top1']:.4f}",
              f"val loss {r['val_loss']:.4f} top1 {r['val_top1']:.4f} top5 {r['val_top5']:.4f}",
              f"lr {r['lr']:.3g}", f"{r['seconds']:.1f}s"]
+    if r.get("target_val_top1") is not None:
+        parts.insert(3, f"target top1 {r['target_val_top1']:.4f}")
+    if r.get("domain_acc") is not None:
+        parts.insert(-2, f"domain acc {r['domain_acc']:.3f} (lambda {r['dann_lambda']:.2f})")
     if r.get("strategy_stage") is not None:
         parts.insert(1, f"stage {r['strategy_stage']}")
     return " | ".join(parts)

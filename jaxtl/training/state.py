@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxtl.rng import make_key, wrap_key_data
+
 
 @struct.dataclass
 class TrainState:
@@ -27,7 +29,7 @@ class TrainState:
 
     @property
     def key(self) -> jax.Array:
-        return jax.random.wrap_key_data(self.rng)
+        return wrap_key_data(self.rng)
 
     @property
     def lr_scale(self) -> jax.Array:
@@ -41,6 +43,6 @@ def create_train_state(variables: dict, tx, seed: int, plateau_state: Any) -> Tr
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
+        rng=jax.random.key_data(make_key(seed)),
         plateau=plateau_state,
     )

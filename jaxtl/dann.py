@@ -1,0 +1,153 @@
+"""Domain-adversarial training (DANN, Ganin & Lempitsky 2015; Ganin et al. 2016).
+
+The backbone's pooled features feed two heads: the label classifier (trained
+on labelled source images) and a domain classifier (source vs target) that
+sits behind a gradient-reversal layer. The domain classifier learns to tell
+the domains apart; the reversed gradient pushes the backbone towards features
+it cannot tell apart, so a classifier trained on the source transfers to the
+target. The reversal strength ramps up as ``lambda(p) = 2 / (1 + exp(-10 p)) - 1``
+over training progress ``p`` in [0, 1] (Ganin et al.), so the adversary does
+not disturb the pretrained features before it has learned anything.
+
+The domain classifier's parameters live under ``params["domain_classifier"]``
+in the train state (label ``"domain"``: always trained, at the head's rate) and
+are dropped from the exported model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxtl.models.layers import dense
+from jaxtl.strategies import DOMAIN_KEY
+from jaxtl.training.state import TrainState
+from jaxtl.training.step import Prepare, cross_entropy, stop_frozen_gradients
+
+
+
+@jax.custom_vjp
+def grad_reverse(x: jax.Array, lam: jax.Array) -> jax.Array:
+    """Identity forward; the backward pass multiplies the cotangent by ``-lam``."""
+    return x
+
+
+def _grad_reverse_fwd(x, lam):
+    return x, lam
+
+
+def _grad_reverse_bwd(lam, g):
+    return (jax.tree.map(lambda t: (-lam * t).astype(t.dtype), g), jnp.zeros_like(lam))
+
+
+grad_reverse.defvjp(_grad_reverse_fwd, _grad_reverse_bwd)
+
+
+def ganin_lambda(progress: jax.Array) -> jax.Array:
+    """2 / (1 + exp(-10 p)) - 1: 0 at the start, -> 1 at the end of training."""
+    p = jnp.clip(progress, 0.0, 1.0)
+    return 2.0 / (1.0 + jnp.exp(-10.0 * p)) - 1.0
+
+
+class DomainClassifier(nn.Module):
+    """Features -> one logit (target vs source): Dense-ReLU-Dense-ReLU-Dense."""
+
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, features):
+        x = nn.relu(dense(self.hidden, name="fc1")(features))
+        x = nn.relu(dense(self.hidden, name="fc2")(x))
+        return dense(1, name="out")(x)[:, 0]
+
+
+def init_domain_classifier(num_features: int, seed: int, hidden: int = 256) -> dict:
+    return DomainClassifier(hidden).init(jax.random.key(seed + 104729), jnp.zeros((1, num_features)))["params"]
+
+
+def split_params(params: dict) -> tuple[dict, dict]:
+    """(model params, domain classifier params)."""
+    model = {k: v for k, v in params.items() if k != DOMAIN_KEY}
+    return model, params[DOMAIN_KEY]
+
+
+def _head_logits(head: dict, features, key, drop_rate: float, train: bool):
+    x = features.astype(jnp.float32)
+    if train and drop_rate > 0:
+        keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
+    return x @ head["kernel"] + head.get("bias", 0.0)
+
+
+def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[str], trainable: Any,
+                   head_path: Sequence[str], num_classes: int, prepare: Prepare, total_steps: int,
+                   domain_weight: float = 1.0, drop_rate: float = 0.0, label_smoothing: float = 0.0,
+                   hidden: int = 256, axis_name: str | None = None) -> Callable:
+    """Per-device step on a source batch (labelled) and a target batch (unlabelled).
+
+    ``batch = {"image", "label", "weight", "target_image", "target_weight"}``.
+    Source and target go through the backbone together (BatchNorm sees both
+    domains, as in Ganin et al.'s implementation); the label loss uses the
+    source half only, the domain loss both halves.
+    """
+    frozen = tuple(frozen)
+    domain_clf = DomainClassifier(hidden)
+
+    def _psum(x):
+        return lax.psum(x, axis_name) if axis_name else x
+
+    def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(state.key, state.step)
+        if axis_name:
+            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+        k_src, k_tgt, k_drop, k_head = jax.random.split(key, 4)
+        src = prepare(k_src, batch["image"])
+        tgt = prepare(k_tgt, batch["target_image"])
+        n_src = src.shape[0]
+        labels, w_src = batch["label"], batch["weight"].astype(jnp.float32)
+        w_tgt = batch["target_weight"].astype(jnp.float32)
+        total_src = jnp.maximum(_psum(jnp.sum(w_src)), 1.0)
+        total_dom = jnp.maximum(_psum(jnp.sum(w_src) + jnp.sum(w_tgt)), 1.0)
+        lam = ganin_lambda(state.step.astype(jnp.float32) / max(total_steps, 1))
+
+        def loss_fn(params):
+            params = stop_frozen_gradients(params, trainable)
+            model_params, dom_params = split_params(params)
+            feats, updates = model.apply({"params": model_params, "batch_stats": state.batch_stats},
+                                         jnp.concatenate([src, tgt]), train=True, frozen=frozen,
+                                         features_only=True, mutable=["batch_stats"], rngs={"dropout": k_drop})
+            head = model_params
+            for name in head_path:
+                head = head[name]
+            logits = _head_logits(head, feats[:n_src], k_head, drop_rate, True)
+            label_loss = jnp.sum(cross_entropy(logits, labels, num_classes, label_smoothing) * w_src) / total_src
+            dom_logits = domain_clf.apply({"params": dom_params}, grad_reverse(feats.astype(jnp.float32), lam))
+            is_target = jnp.concatenate([jnp.zeros(n_src), jnp.ones(feats.shape[0] - n_src)])
+            w_dom = jnp.concatenate([w_src, w_tgt])
+            dom_loss = jnp.sum(optax.sigmoid_binary_cross_entropy(dom_logits, is_target) * w_dom) / total_dom
+            dom_correct = jnp.sum(((dom_logits > 0) == (is_target > 0.5)) * w_dom)
+            return label_loss + domain_weight * dom_loss, (logits, updates, label_loss, dom_loss, dom_correct)
+
+        (loss, (logits, updates, label_loss, dom_loss, dom_correct)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        grads = _psum(grads)
+        loss, label_loss, dom_loss = _psum(loss), _psum(label_loss), _psum(dom_loss)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), opt_updates)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, opt_updates),
+                            batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+        correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) * w_src))
+        metrics = {"loss_sum": label_loss * total_src, "correct": correct, "count": total_src,
+                   "domain_loss_sum": dom_loss * total_dom, "domain_correct": _psum(dom_correct),
+                   "domain_count": total_dom, "lambda": lam, "grad_norm": grad_norm, "finite": finite}
+        return new, metrics
+
+    return step

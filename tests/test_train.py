@@ -1,0 +1,167 @@
+"""``python -m jaxtl.train`` end to end: the offline default, exact resume, bad flags, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxtl
+
+# A small, fast configuration: random-init ResNet-18 at 32 px on 20 digits per class.
+SMALL = ["--backbone", "resnet18", "--weights", "none", "--img-size", "32", "--limit-per-class", "20",
+         "--batch-size", "16", "--opt", "sgd", "--lr", "0.05", "--no-progress"]
+
+
+def run_train(*args, timeout=900, env=None, check=False):
+    r = subprocess.run([sys.executable, "-m", "jaxtl.train", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, **(env or {})})
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def flat_variables(out: Path) -> dict:
+    _, variables, _ = jaxtl.load_model(out)
+    return traverse_util.flatten_dict(variables, sep="/")
+
+
+def test_default_job_runs_offline_and_exports(tmp_path):
+    """The README's main job, shortened: embedded MobileNetV2 weights, digits, cached features."""
+    out = tmp_path / "default"
+    r = run_train("--epochs", "3", "--output", out, "--no-progress", check=True)
+    assert "mobilenet_v2-b0353104.pth" in r.stdout and "cached train features" in r.stdout
+    recs = records(out)
+    assert [x["epoch"] for x in recs] == [0, 1, 2]
+    for key in ("epoch", "strategy_stage", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+                "seconds"):
+        assert key in recs[0]
+    assert recs[-1]["val_top1"] > 0.7  # measured 0.83-0.88 after 3 epochs
+    for name in ("curves.png", "confusion_matrix.png", "model.msgpack", "meta.json", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    model, variables, meta = jaxtl.load_model(out)
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["backbone"] == "mobilenet_v2"
+
+    # predict with the exported model on a digit rendered as an image file
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    img = tmp_path / "seven.png"
+    Image.fromarray(np.round(d.images[7] * 255 / 16).astype(np.uint8)).resize((64, 64)).save(img)
+    p = subprocess.run([sys.executable, "-m", "jaxtl.predict", "--checkpoint", out, img, "--top-k", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert str(img) in p.stdout and p.stdout.count("(class") == 3
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bit_identical_mid_progressive(tmp_path):
+    """SIGINT in the middle of progressive unfreezing, then --resume: the same parameters and metrics."""
+    common = [*SMALL, "--strategy", "progressive", "--unfreeze-every", "1", "--epochs", "3", "--sched", "cosine",
+              "--warmup-epochs", "1", "--seed", "3"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_train(*common, "--output", whole, check=True)
+
+    proc = subprocess.Popen([sys.executable, "-m", "jaxtl.train", *common, "--output", str(parts)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        metrics = parts / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            break  # epoch 1 done; epoch 2 starts by compiling stage 1: interrupt there
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at epoch 2" in err and "--resume" in err
+    assert len(records(parts)) == 1
+
+    r = run_train("--resume", "--output", parts, check=True)
+    assert "resumed from step" in r.stdout
+    a, b = flat_variables(whole), flat_variables(parts)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"{k} differs after resume"
+    strip = lambda rs: [{k: v for k, v in x.items() if k != "seconds"} for x in rs]  # noqa: E731
+    assert strip(records(whole)) == strip(records(parts))
+    assert [x["strategy_stage"] for x in records(whole)] == [0, 1, 2]
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    cases = [
+        (["--strategy", "finetune", "--cache-features"], "--cache-features only works with --strategy "
+                                                          "feature_extract"),
+        (["--backbone", "resnet5"], "unknown backbone 'resnet5'; did you mean"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--strategy", "finetune", "--freeze-until", "layer9", "--backbone", "resnet18", "--weights", "none"],
+         "freeze_until='layer9' is not a backbone group"),
+        (["--lr-mults", "layer4"], "--lr-mults"),
+        (["--layer-decay", "0.7", "--lr-spread", "0.1"], "at most one of"),
+        (["--weights", "none", "--weights-file", "x.pth"], "contradict"),
+    ]
+    for args, message in cases:
+        out = tmp_path / f"o{len(args)}"
+        t0 = time.time()
+        r = run_train(*args, "--output", out)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
+        assert time.time() - t0 < 60
+    r = run_train("--sched", "linear")
+    assert r.returncode == 2 and "invalid choice: 'linear'" in r.stderr
+
+
+def test_resnet50_without_weights_stops_before_training_with_instructions(tmp_path):
+    r = run_train("--backbone", "resnet50", "--strategy", "finetune", "--output", tmp_path / "r50")
+    assert r.returncode == 2
+    assert "resnet50-11ad3fa6.pth" in r.stderr and "--weights-file" in r.stderr
+    assert not (tmp_path / "r50" / "metrics.jsonl").exists()
+
+
+def test_output_folder_is_not_overwritten_and_resume_needs_a_run(tmp_path):
+    out = tmp_path / "run"
+    run_train(*SMALL, "--strategy", "feature_extract", "--epochs", "1", "--output", out, check=True)
+    r = run_train(*SMALL, "--strategy", "feature_extract", "--epochs", "1", "--output", out)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = run_train("--resume", "--output", tmp_path / "empty")
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = run_train("--resume", "--output", out, "--batch-size", "32")
+    assert r.returncode == 2 and "different options" in r.stderr and "batch_size" in r.stderr
+
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    from jaxtl.errors import CheckpointError
+    from jaxtl.training.checkpoint import RunLock
+
+    out = tmp_path / "locked"
+    with RunLock(out):
+        r = run_train(*SMALL, "--epochs", "1", "--output", out)
+        assert r.returncode == 2 and "in use by another training run" in r.stderr
+        with pytest.raises(CheckpointError, match="in use"):
+            RunLock(out).acquire()
+    RunLock(out).acquire().release()  # free again once the holder is gone
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
+    args = [*SMALL, "--strategy", "finetune", "--epochs", "1", "--lr", "1e30", "--momentum", "0"]
+    r = run_train(*args, "--output", tmp_path / "nan")
+    assert r.returncode == 3, r.stderr
+    assert "non-finite loss or gradient at epoch 1, batch" in r.stderr and "(step " in r.stderr
+    assert not (tmp_path / "nan" / "model.msgpack").exists()
+    r = run_train(*args, "--skip-nonfinite", "--output", tmp_path / "skip")
+    assert r.returncode == 0, r.stderr
+    assert "skipped (--skip-nonfinite)" in r.stdout
+    assert records(tmp_path / "skip")[-1]["nonfinite_skipped"] > 0
