@@ -166,7 +166,8 @@ def main() -> None:
                             "PyTorch eval-backbone s", "eval-backbone top-1", "time jaxtl/guide",
                             "time jaxtl/eval-backbone"], rows)
     info = machine()
-    path = write_json("end_to_end.json", {"machine": info, "results": results, "table": table})
+    name = "end_to_end_quick.json" if args.quick else "end_to_end.json"
+    path = write_json(name, {"machine": info, "results": results, "table": table})
     print(f"Machine: {info.get('cpu', '?')}, {info.get('cpus')} cores\n\n{table}\n\nJSON: {path}")
 
 

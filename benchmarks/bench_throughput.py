@@ -248,6 +248,8 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.rounds, args.repeats = 1, 1
+        if args.out == "throughput.json":
+            args.out = "throughput_quick.json"
     import torch
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"

@@ -53,7 +53,7 @@ def checkpoint_num_classes(spec: BackboneSpec, src: SourceSpec, arrays: Mapping[
     if key in arrays and arrays[key].ndim == 1:
         return int(arrays[key].shape[0])
     kernel_key = _ref(src, ("params", *spec.head_path, "kernel"))[0]
-    if kernel_key in arrays:
+    if kernel_key in arrays and arrays[kernel_key].ndim >= 1:
         return int(arrays[kernel_key].shape[0])
     return None
 
@@ -82,6 +82,9 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | N
     if head == "keep":
         if ckpt_classes is None:
             key = _ref(src, ("params", *spec.head_path, "kernel"))[0]
+            if key in arrays:
+                raise ConversionError(f"{key} has shape {tuple(arrays[key].shape)}, which is not a classifier "
+                                      f"weight; is it a checkpoint of {spec.name}?")
             raise ConversionError(f"the {src.name} checkpoint for {spec.name} has no classifier ({key} is missing); "
                                   "pass head='new' and num_classes=N to start a new head")
         if num_classes is not None and num_classes != ckpt_classes:

@@ -87,13 +87,16 @@ def _head_logits(head: dict, features, key, drop_rate: float, train: bool):
 def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[str], trainable: Any,
                    head_path: Sequence[str], num_classes: int, prepare: Prepare, total_steps: int,
                    domain_weight: float = 1.0, drop_rate: float = 0.0, label_smoothing: float = 0.0,
-                   hidden: int = 256, axis_name: str | None = None) -> Callable:
+                   hidden: int = 256, separate_bn: bool = True, axis_name: str | None = None) -> Callable:
     """Per-device step on a source batch (labelled) and a target batch (unlabelled).
 
     ``batch = {"image", "label", "weight", "target_image", "target_weight"}``.
-    Source and target go through the backbone together (BatchNorm sees both
-    domains, as in Ganin et al.'s implementation); the label loss uses the
-    source half only, the domain loss both halves.
+    The label loss uses the source images only, the domain loss both.
+    ``separate_bn`` (default): source and target go through the backbone in two
+    passes, so in training each is normalised with its own domain's batch
+    statistics, as in the reference PyTorch implementations (the running
+    statistics see both, one after the other). Otherwise they go through
+    together, normalised with the statistics of the mixed batch.
     """
     frozen = tuple(frozen)
     domain_clf = DomainClassifier(hidden)
@@ -118,9 +121,18 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
         def loss_fn(params):
             params = stop_frozen_gradients(params, trainable)
             model_params, dom_params = split_params(params)
-            feats, updates = model.apply({"params": model_params, "batch_stats": state.batch_stats},
-                                         jnp.concatenate([src, tgt]), train=True, frozen=frozen,
-                                         features_only=True, mutable=["batch_stats"], rngs={"dropout": k_drop})
+
+            def features(images, batch_stats, key):
+                return model.apply({"params": model_params, "batch_stats": batch_stats}, images, train=True,
+                                   frozen=frozen, features_only=True, mutable=["batch_stats"], rngs={"dropout": key})
+
+            if separate_bn:
+                k_drop_src, k_drop_tgt = jax.random.split(k_drop)
+                f_src, updates = features(src, state.batch_stats, k_drop_src)
+                f_tgt, updates = features(tgt, updates.get("batch_stats", state.batch_stats), k_drop_tgt)
+                feats = jnp.concatenate([f_src, f_tgt])
+            else:
+                feats, updates = features(jnp.concatenate([src, tgt]), state.batch_stats, k_drop)
             head = model_params
             for name in head_path:
                 head = head[name]

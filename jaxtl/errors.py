@@ -46,3 +46,7 @@ class CheckpointError(JaxtlError):
 
 class TrainingError(JaxtlError):
     """A run that has to stop (non-finite loss, interruption...)."""
+
+
+class Interrupted(TrainingError):
+    """SIGINT/SIGTERM stopped a run after saving a checkpoint; the message says how to resume."""

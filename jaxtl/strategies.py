@@ -84,6 +84,8 @@ class Strategy:
             raise ConfigError(f"lr_spread must be in (0, 1] (first group's rate / head's rate), got {self.lr_spread}")
         if self.unfreeze_every < 1:
             raise ConfigError(f"unfreeze_every must be >= 1 epoch, got {self.unfreeze_every}")
+        if self.unfreeze_at and self.kind != "progressive":
+            raise ConfigError(f"unfreeze_at is a progressive schedule; it does not apply to {self.kind}")
         if self.kind == "feature_extract" and (self.freeze_until or self.unfreeze_at):
             raise ConfigError("feature_extract freezes the whole backbone; freeze_until/unfreeze_at do not apply")
 

@@ -64,6 +64,8 @@ def load_torch_reference(name: str, source: str | None, state: dict, *, img_size
     torch = require_torch()
     spec, implied = resolve(name)
     src = spec.source(source or implied)
+    if src.rename_keys is not None:  # e.g. torchvision's legacy DenseNet names, which PyTorch remaps itself
+        state = src.rename_keys(dict(state))
     state = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
              for k, v in state.items()}
     if img_size and spec.family == "vit":

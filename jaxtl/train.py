@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 from jaxtl.cli import EXIT_USER_ERROR
-from jaxtl.errors import ConfigError, JaxtlError
+from jaxtl.errors import ConfigError, Interrupted, JaxtlError, TrainingError
 
 EXIT_INTERRUPTED = 130
 EXIT_TRAINING_STOPPED = 3
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random horizontal flips (default: on, off for digits where a mirror changes the class)")
     g.add_argument("--color-jitter", type=float, help="brightness/contrast/saturation jitter strength, hue half of it "
                                                       "(default 0: off)")
+    g.add_argument("--crop-scale", type=float, help="random resized crop: smallest area fraction kept (default 0.08, "
+                                                    "torchvision's; larger is milder)")
     g.add_argument("--workers", type=int, help="decoding threads (default 2)")
 
     g = p.add_argument_group("strategy")
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "trains on them without labels; every strategy reports the accuracy on "
                                          "their validation split")
     g.add_argument("--domain-weight", type=float, help="dann: weight of the domain loss (default 1)")
+    g.add_argument("--dann-separate-bn", action=argparse.BooleanOptionalAction,
+                   help="dann: source and target in separate passes, each normalised with its own batch statistics "
+                        "(default on, as the reference implementations); --no-dann-separate-bn mixes them")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction,
                    help="feature_extract only: run the frozen backbone once (eval preprocessing, NO augmentation) "
                         "and train the head on the cached features")
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """Explicit flags over the saved run (with --resume) or over the defaults."""
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -154,27 +160,22 @@ def config_from_args(args: argparse.Namespace):
 
     given = vars(args).copy()
     given.pop("debug", None)
-    resume = given.get("resume", False)
-    if resume:
+    if given.get("resume", False):
         out = Path(given.get("output", DEFAULTS["output"]))
         try:
             base = TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text()))
         except FileNotFoundError:
             raise ConfigError(f"--resume: {out / CONFIG_FILE} not found; is {out} the --output of an earlier run?") \
                 from None
-        strategy_kw, optim_kw = {}, {}
-        import dataclasses
-
         strategy_kw = dataclasses.asdict(base.strategy)
         optim_kw = dataclasses.asdict(base.optim)
         top = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)
                if f.name not in ("strategy", "optim")}
     else:
-        strategy_kw, optim_kw = {}, {}
         top = {k: DEFAULTS[k] for k in ("backbone", "data", "cache_features", "epochs", "batch_size", "output")}
-        strategy_kw["kind"] = DEFAULTS["strategy"]
-        optim_kw.update(opt=DEFAULTS["opt"], lr=DEFAULTS["lr"], sched=DEFAULTS["sched"])
-        if "strategy" in given and given["strategy"] != DEFAULTS["strategy"]:
+        strategy_kw = {"kind": DEFAULTS["strategy"]}
+        optim_kw = {"opt": DEFAULTS["opt"], "lr": DEFAULTS["lr"], "sched": DEFAULTS["sched"]}
+        if given.get("strategy", DEFAULTS["strategy"]) != DEFAULTS["strategy"]:
             top["cache_features"] = False  # the cache is the default only for the default strategy
 
     strategy_map = {"strategy": "kind", "backbone_lr_mult": "backbone_lr_mult", "freeze_until": "freeze_until",
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        from jaxtl.training.loop import Interrupted, train
+        from jaxtl.training.loop import train
         from jaxtl.training.parallel import maybe_initialize_distributed
 
         maybe_initialize_distributed()
@@ -221,10 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxtlError as e:
         if debug:
             raise
-        from jaxtl.errors import TrainingError
-
         print(f"{parser.prog}: {'stopped' if isinstance(e, TrainingError) else 'error'}: {e}", file=sys.stderr)
-        if type(e).__name__ == "Interrupted":
+        if isinstance(e, Interrupted):
             return EXIT_INTERRUPTED
         return EXIT_TRAINING_STOPPED if isinstance(e, TrainingError) else EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -266,9 +266,8 @@ def test_stochastic_depth_drops_whole_samples_and_rescales():
     jax.eval_shape(lambda v, x: plain.apply(v, x, True, False), v, x)  # no 'dropout' rng needed
 
 
-def _rng_needed(model, frozen=(), train=True) -> bool:
+def _rng_needed(model, variables, frozen=(), train=True) -> bool:
     """Whether applying ``model`` needs an rng (traced only, nothing computed)."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     try:
         jax.eval_shape(lambda v, x: model.apply(v, x, train=train, frozen=frozen, mutable=["batch_stats"]),
@@ -283,16 +282,20 @@ def test_stochastic_depth_and_dropout_only_in_train_mode_and_unfrozen_groups():
     model = create_model("efficientnet_b0", num_classes=3)  # torchvision: dropout 0.2, drop path 0.2
     assert (model.drop_rate, model.drop_path_rate) == (0.2, 0.2)
     spec = jaxtl.get_spec("efficientnet_b0")
-    assert not _rng_needed(model, train=False)
-    assert _rng_needed(model)
-    assert not _rng_needed(model, frozen=spec.group_names)
-    # Only the head trainable: its dropout still needs the rng; only a stage: its stochastic depth does.
-    assert _rng_needed(model, frozen=tuple(g for g in spec.group_names if g != "head"))
-    assert _rng_needed(model, frozen=tuple(g for g in spec.group_names if g != "stage3"))
-    # stage1 has a single block without a skip connection: nothing random there.
-    assert not _rng_needed(model, frozen=tuple(g for g in spec.group_names if g != "stage1"))
-    # The 'dropout' stream is the only one asked for.
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+
+    def all_but(group):
+        return tuple(g for g in spec.group_names if g != group)
+
+    assert not _rng_needed(model, variables, train=False)
+    assert _rng_needed(model, variables)
+    assert not _rng_needed(model, variables, frozen=spec.group_names)
+    # Only the head trainable: its dropout still needs the rng; only a stage: its stochastic depth does.
+    assert _rng_needed(model, variables, frozen=all_but("head"))
+    assert _rng_needed(model, variables, frozen=all_but("stage3"))
+    # stage1 has a single block without a skip connection: nothing random there.
+    assert not _rng_needed(model, variables, frozen=all_but("stage1"))
+    # The 'dropout' stream is the only one asked for.
     jax.eval_shape(lambda v, r: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=True, mutable=["batch_stats"],
                                             rngs={"dropout": r}), variables, jax.random.key(0))
     # Eval mode draws no random numbers at all.
@@ -301,28 +304,33 @@ def test_stochastic_depth_and_dropout_only_in_train_mode_and_unfrozen_groups():
 
 
 def test_frozen_groups_keep_statistics_and_train_mode_differs():
-    # A shallow, narrow EfficientNet (B0's groups and module paths, 1-2 blocks
-    # per stage, three with a skip connection) compiles quickly.
-    model = EfficientNet(width_mult=0.25, depth_mult=0.5, num_classes=3, drop_path_rate=0.5)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 32, 32, 3)), jnp.float32)
+    # A shallow, narrow EfficientNet (B0's groups and module paths, one block
+    # per stage but two in stage6, the second with a skip connection) compiles quickly.
+    model = EfficientNet(width_mult=0.25, depth_mult=0.3, num_classes=3, drop_path_rate=0.8)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 32, 32, 3)), jnp.float32)
     variables = random_variables(model, x)
     spec = jaxtl.get_spec("efficientnet_b0")
     frozen = ("stem", "stage1", "stage2")
-    apply = jax.jit(lambda v, x, r: model.apply(v, x, train=True, frozen=frozen, mutable=["batch_stats"],
-                                                rngs={"dropout": r}))
-    a, updates = apply(variables, x, jax.random.key(2))
+
+    @jax.jit  # one compilation for all four forward passes
+    def run(v, x):
+        a, updates = model.apply(v, x, train=True, frozen=frozen, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.key(2)})
+        b, _ = model.apply(v, x, train=True, frozen=frozen, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(3)})
+        all_frozen, _ = model.apply(v, x, train=True, frozen=spec.group_names, mutable=["batch_stats"])
+        return a, b, updates, all_frozen, model.apply(v, x)
+
+    a, b, updates, all_frozen, evaluated = run(variables, x)
     before = traverse_util.flatten_dict(variables["batch_stats"])
     after = traverse_util.flatten_dict(updates["batch_stats"])
     for path, old in before.items():
         group = spec.group_of(path)
         assert bool(jnp.all(after[path] == old)) == (group in frozen), (path, group)
     # Stochastic depth is active in the unfrozen stages: another key, another output.
-    b, _ = apply(variables, x, jax.random.key(3))
     assert rel_err(a, b) > 1e-4
-    # Everything frozen: train mode is eval mode.
-    all_frozen = jax.jit(lambda v, x: model.apply(v, x, train=True, frozen=spec.group_names, mutable=["batch_stats"]))
-    out, _ = all_frozen(variables, x)
-    assert rel_err(out, jax.jit(model.apply)(variables, x)) <= 1e-6
+    # Everything frozen: train mode is eval mode (running statistics, nothing random, no rng needed).
+    assert rel_err(all_frozen, evaluated) <= 1e-6
 
 
 def test_output_shapes_features_and_float32_params():
@@ -335,3 +343,9 @@ def test_output_shapes_features_and_float32_params():
     assert feats.shape == (2, spec.num_features) and feats.dtype == jnp.float32
     logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
     assert logits.shape == (2, 4) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kwargs", [{"drop_rate": 1.5}, {"drop_path_rate": -0.1}, {"drop_rate": "0.2"}])
+def test_rates_are_validated(kwargs):
+    with pytest.raises(jaxtl.ConfigError, match="must be in \\[0, 1\\]"):
+        create_model("efficientnet_b0", **kwargs)

@@ -256,3 +256,17 @@ def test_output_shapes_and_float32_params(name):
     assert feats.shape == (2, spec.num_features) and feats.dtype == jnp.float32
     logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
     assert logits.shape == (2, 4) and logits.dtype == jnp.float32
+
+
+def test_pooled_map_is_kept_out_of_the_classifier_fusion():
+    """Below 224 px the pooled map passes an optimization barrier (see VGG.__call__:
+    without it XLA:CPU fused a 1x1 map's broadcast into the classifier and ran 20x slower)."""
+    model = create_model("vgg11", num_classes=3)
+    variables = abstract_variables(model, jaxtl.get_spec("vgg11"))
+
+    def jaxpr_at(size):
+        x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+        return str(jax.make_jaxpr(model.apply)(variables, x))
+
+    assert "optimization_barrier" in jaxpr_at(32)
+    assert "optimization_barrier" not in jaxpr_at(224)   # 7x7 already: no pooling at all

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from jaxtl.data import decode
 from jaxtl.data.decode import IMAGE_EXTENSIONS, BadImageError, file_error_reason, load_image, to_rgb
@@ -256,8 +256,15 @@ def check_file(path: Path, full: bool = False) -> str | None:
         return str(e).split(": ", 1)[-1]
     except Image.DecompressionBombError as e:  # Pillow refuses over twice its limit: say so
         return f"refused as a decompression bomb ({e})"
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
     except OSError as e:
-        return file_error_reason(e) or f"not a readable image ({type(e).__name__}: {str(e)[:60]})"
+        reason = file_error_reason(e)
+        if reason:
+            return reason
+        if "truncat" in str(e).lower():
+            return f"truncated or corrupt image ({str(e)[:60]})"
+        return f"not a readable image ({type(e).__name__}: {str(e)[:60]})"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on hostile input
         return f"not a readable image ({type(e).__name__})"
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from jaxtl.models.efficientnet import stochastic_depth
+from jaxtl.models.efficientnet import check_rates, stochastic_depth
 from jaxtl.models.layers import DepthwiseConv, conv, dense, gelu_exact, global_avg_pool
 from jaxtl.registry import (
     LEAF_TO_TORCH,
@@ -112,6 +112,10 @@ class ConvNeXt(nn.Module):
     drop_path_rate: float = 0.0
     axis_name: str | None = None
     depthwise_impl: str | None = None  # None: layers.depthwise_impl's default
+
+    def __post_init__(self):
+        check_rates(self, "ConvNeXt")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):

@@ -151,7 +151,8 @@ class DenseNet(nn.Module):
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
         if x.ndim != 4:
             raise ConfigError(f"DenseNet expects NHWC images (batch, height, width, channels), got shape {x.shape}")
-        if min(_final_map_size(x.shape[1], len(self.block_sizes)), _final_map_size(x.shape[2], len(self.block_sizes))) < 1:
+        n_blocks = len(self.block_sizes)
+        if min(_final_map_size(x.shape[1], n_blocks), _final_map_size(x.shape[2], n_blocks)) < 1:
             raise ConfigError(f"images of {x.shape[1]}x{x.shape[2]} px are too small for DenseNet "
                               "(its last block would get an empty feature map; use at least 29 px)")
         norm = partial(BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
@@ -187,7 +188,8 @@ class DenseNet(nn.Module):
 # Weight names.
 
 # A dense layer's module in the published checkpoints: "...denselayer7.norm.1.weight".
-_LEGACY_LAYER_KEY = re.compile(r"^(.*\.denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_LAYER_KEY = re.compile(
+    r"^(.*\.denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
 
 
 def modern_key_names(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,7 +214,8 @@ def modern_key_names(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def key_map(flax_path: FlaxPath):
-    """``("params", "denseblock2", "denselayer3", "norm1", "scale")`` -> ``features.denseblock2.denselayer3.norm1.weight``.
+    """Flax leaf -> PyTorch key, e.g. ``("params", "denseblock2", "denselayer3", "norm1", "scale")``
+    -> ``features.denseblock2.denselayer3.norm1.weight``.
 
     Everything but the classifier lives in torchvision's ``features`` Sequential.
     """

@@ -30,6 +30,7 @@ defaults), classifier dropout and stochastic-depth defaults (torchvision
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxtl.errors import ConfigError
 from jaxtl.models.layers import (
     BatchNorm,
     DepthwiseConv,
@@ -123,7 +125,7 @@ def architecture(width_mult: float = 1.0, depth_mult: float = 1.0) -> Architectu
     for expand_ratio, kernel, stride, out, repeats in _B0_STAGES:
         out = width(out)
         blocks = []
-        for i in range(int(math.ceil(repeats * depth_mult))):
+        for i in range(math.ceil(repeats * depth_mult)):
             blocks.append(MBConvConfig(
                 in_features=in_features,
                 expanded=make_divisible(in_features * expand_ratio),
@@ -152,6 +154,15 @@ def stochastic_depth(module: nn.Module, x, rate: float, deterministic: bool):
         return jnp.zeros_like(x)
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def check_rates(module: nn.Module, family: str) -> None:
+    """Dropout and stochastic-depth rates are probabilities (a typo such as 20 for
+    0.2 would otherwise drop everything silently)."""
+    for attr in ("drop_rate", "drop_path_rate"):
+        value = getattr(module, attr)
+        if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{family} {attr} must be in [0, 1], got {value!r}")
 
 
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
@@ -213,9 +224,9 @@ class EfficientNet(nn.Module):
     ``train=True`` normalises with batch statistics and updates
     ``batch_stats`` (apply with ``mutable=["batch_stats"]``); groups named in
     ``frozen`` use running statistics and no stochastic depth / dropout.
-    Stochastic depth (``drop_path_rate``, the rate of a block past the last)
-    and the dropout before the classifier (``drop_rate``) need the
-    ``'dropout'`` rng when active. ``features_only=True`` returns the pooled
+    Stochastic depth (block i of n drops its residual branch with
+    ``drop_path_rate * i / n``) and the dropout before the classifier
+    (``drop_rate``) need the ``'dropout'`` rng when active. ``features_only=True`` returns the pooled
     features the classifier sees (before dropout). ``axis_name`` synchronises
     BatchNorm statistics across devices.
     """
@@ -230,6 +241,10 @@ class EfficientNet(nn.Module):
     drop_path_rate: float = 0.0
     axis_name: str | None = None
     depthwise_impl: str | None = None  # None: layers.depthwise_impl's default
+
+    def __post_init__(self):
+        check_rates(self, "EfficientNet")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):

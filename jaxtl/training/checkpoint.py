@@ -95,9 +95,10 @@ class Checkpoints:
                                                             record=ocp.args.JsonSave(record)),
                               metrics=metrics, force=True)
             self.manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"saving the checkpoint of step {step} failed ({e.strerror or e}); the previous "
-                                  f"checkpoint in {self.directory} is intact; free some space and --resume") from None
+        except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise more than OSError (e.g. on ENOSPC)
+            why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise CheckpointError(f"saving the checkpoint of step {step} failed ({why}); the previous checkpoint in "
+                                  f"{self.directory} is intact; free some space and continue with --resume") from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         try:

@@ -36,7 +36,7 @@ from jaxtl.dann import ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
-from jaxtl.errors import CheckpointError, ConfigError, TrainingError
+from jaxtl.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from jaxtl.export import load_model, save_model
 from jaxtl.models import as_dtype, create_model, init_variables
 from jaxtl.optim import OptimConfig, carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
@@ -47,7 +47,7 @@ from jaxtl.strategies import (DOMAIN_KEY, Stage, Strategy, all_labels, check_lab
 from jaxtl.training.checkpoint import Checkpoints, RunLock, abstract_like
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
-                                   per_class_accuracy, plot_confusion, plot_curves)
+                                   plot_confusion, plot_curves)
 from jaxtl.training.state import TrainState, create_train_state
 from jaxtl.training.step import head_forward, image_forward, make_eval_step, make_train_step
 
@@ -77,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
     color_jitter: float = 0.0
+    crop_scale: float = 0.08               # random resized crop: smallest area fraction (torchvision's 0.08)
     seed: int = 0
     output: str = "runs/default"
     resume: bool = False
@@ -84,6 +85,7 @@ class TrainConfig:
     target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
                                            # every strategy reports accuracy on their validation split
     domain_weight: float = 1.0             # dann: weight of the domain loss
+    dann_separate_bn: bool = True          # dann: per-domain batch statistics in training (two passes)
     mapping: str = "shard_map"
     workers: int = 2
     keep_checkpoints: int = 2
@@ -138,6 +140,8 @@ class TrainConfig:
             raise ConfigError("--weights none (random init) and --weights-file contradict each other")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.color_jitter < 0:
             raise ConfigError(f"--color-jitter must be >= 0, got {self.color_jitter}")
         if self.img_size is not None and self.img_size < 16:
@@ -161,10 +165,6 @@ class TrainResult:
     @property
     def final(self) -> dict:
         return self.records[-1]
-
-
-class Interrupted(TrainingError):
-    """SIGINT/SIGTERM: a checkpoint was saved; the message says how to resume."""
 
 
 class _Signals:
@@ -221,8 +221,6 @@ class Trainer:
             raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}; start without --resume")
         if cfg.resume:
             self._check_resume_config()
-        else:
-            (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
         self.dp = DataParallel(cfg.mapping)
         self.dp.check_batch_size(cfg.batch_size)
@@ -263,7 +261,8 @@ class Trainer:
             self.variables["params"][DOMAIN_KEY] = init_domain_classifier(self._num_features(), cfg.seed)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
-        self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter)
+        self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter,
+                                     scale=(cfg.crop_scale, 1.0))
         self.prepare_eval = partial(eval_prepare, pre=self.pre)
         self.stages = cfg.strategy.stages(self.spec, cfg.epochs)
         self.lr_mults = cfg.strategy.lr_multipliers(self.spec)
@@ -287,6 +286,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.cache_features:
             self._cache_features(loader_kw)
+        if not cfg.resume:  # only once data and weights are known to work
+            (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def _check_resume_config(self) -> None:
         path = self.out / CONFIG_FILE
@@ -365,6 +366,7 @@ class Trainer:
                                       head_path=self.spec.head_path, num_classes=self.num_classes,
                                       prepare=self.prepare_train, total_steps=self.steps_per_epoch * self.cfg.epochs,
                                       domain_weight=self.cfg.domain_weight, drop_rate=drop_rate,
+                                      separate_bn=self.cfg.dann_separate_bn,
                                       label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
             else:
                 if self.cfg.cache_features:

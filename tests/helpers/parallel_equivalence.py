@@ -1,13 +1,14 @@
 """Run as a script with 4 host devices: train a few steps on 1 device (shard_map),
 4 devices (shard_map) and 4 devices (pmap) on the same global batches; print
-the parameters' largest relative difference as JSON."""
+the parameters' largest relative difference as JSON. ``--dann``: the
+domain-adversarial step (source and target batches) instead of the plain one."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import json  # noqa: E402
-from functools import partial  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,22 +20,37 @@ from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask  #
 from jaxtl.training.parallel import AXIS, DataParallel  # noqa: E402
 from jaxtl.training.state import create_train_state  # noqa: E402
 from jaxtl.training.step import image_forward, make_train_step  # noqa: E402
+from jaxtl.dann import init_domain_classifier, make_dann_step  # noqa: E402
+from jaxtl.strategies import DOMAIN_KEY  # noqa: E402
+
+DANN = "--dann" in sys.argv
 
 assert jax.device_count() == 4, jax.devices()
 spec = jaxtl.get_spec("resnet18")
 model = jaxtl.create_model("resnet18", num_classes=4, axis_name=AXIS)
 variables = jaxtl.init_variables(jaxtl.create_model("resnet18", num_classes=4), spec, 0)
 pre = spec.preprocessing.at_size(32)
-strategy = Strategy("finetune", freeze_until="stem")
+strategy = Strategy("dann" if DANN else "finetune", freeze_until="stem")
 cfg = OptimConfig(opt="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, sched="cosine")
+if DANN:
+    variables = {"params": {**variables["params"], DOMAIN_KEY: init_domain_classifier(512, 0)},
+                 "batch_stats": variables["batch_stats"]}
 labels = label_tree(spec, variables["params"], strategy.frozen_groups(spec))
 tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 1)
 prepare = lambda key, images: eval_prepare(images, pre)  # noqa: E731  (no random crops: same input everywhere)
-step = make_train_step(image_forward(model, frozen=strategy.frozen_groups(spec), prepare=prepare), tx,
-                       trainable=trainable_mask(labels), num_classes=4, axis_name=AXIS)
+if DANN:
+    step = make_dann_step(model, tx, frozen=strategy.frozen_groups(spec), trainable=trainable_mask(labels),
+                          head_path=spec.head_path, num_classes=4, prepare=prepare, total_steps=4, axis_name=AXIS)
+else:
+    step = make_train_step(image_forward(model, frozen=strategy.frozen_groups(spec), prepare=prepare), tx,
+                           trainable=trainable_mask(labels), num_classes=4, axis_name=AXIS)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
             "label": rng.integers(0, 4, 16).astype(np.int32), "weight": np.ones(16, np.float32)} for _ in range(3)]
+if DANN:
+    for b in batches:
+        b["target_image"] = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        b["target_weight"] = np.ones(16, np.float32)
 
 
 def run(dp):

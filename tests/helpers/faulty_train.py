@@ -1,0 +1,39 @@
+"""``python -m jaxtl.train`` with a fault injected into the N-th checkpoint save.
+
+JAXTL_TEST_FAULT = "hang:N" (the N-th save writes all its data, touches
+$JAXTL_TEST_MARKER and then hangs just before committing - a kill -9 lands
+in the middle of the checkpoint write) or "enospc:N" (the N-th save fails as
+a full disk would). The hook is orbax's commit step: the temporary folder
+holds the complete data and is renamed into place only after it.
+"""
+
+import asyncio
+import errno
+import os
+import sys
+from pathlib import Path
+
+from orbax.checkpoint._src.path import atomicity
+
+kind, _, nth = os.environ["JAXTL_TEST_FAULT"].partition(":")
+nth = int(nth)
+_original = atomicity.AtomicRenameTemporaryPath.finalize
+_calls = {"n": 0}
+
+
+async def finalize(self):
+    _calls["n"] += 1
+    if _calls["n"] == nth:
+        if kind == "hang":
+            Path(os.environ["JAXTL_TEST_MARKER"]).write_text("in checkpoint write")
+            await asyncio.sleep(3600)
+        elif kind == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+    return await _original(self)
+
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+from jaxtl.train import main  # noqa: E402
+
+sys.exit(main(sys.argv[1:]))
