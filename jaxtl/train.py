@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", help="an ImageFolder path (class sub-folders; optional train/ and val/), 'digits' "
-                                  f"(offline; 'digits-shifted' is a colour-shifted copy) or tfds:NAME "
-                                  f"(default {d['data']})")
+                                  "(offline; 'digits-shifted' and 'digits-inverted' are domain-shifted copies) or "
+                                  f"tfds:NAME (default {d['data']})")
     g.add_argument("--data-dir", help="tensorflow-datasets data folder for tfds:NAME")
     g.add_argument("--val-fraction", type=float, help="validation fraction when there is no val/ folder "
                                                       "(stratified, fixed seed; default 0.2)")
@@ -96,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-spread", type=float, help="geometric spread (fastai slice): the first group gets this x "
                                                    "the head's rate")
     g.add_argument("--lr-mults", help="explicit per-group multipliers GROUP=MULT,... e.g. layer4=0.5,head=1")
-    g.add_argument("--target-data", help="images of a target domain (a folder, digits-shifted or tfds:NAME): dann "
-                                         "trains on them without labels; every strategy reports the accuracy on "
-                                         "their validation split")
+    g.add_argument("--target-data", help="images of a target domain (a folder, digits-shifted, digits-inverted or "
+                                         "tfds:NAME): dann trains on them without labels; every strategy reports the "
+                                         "accuracy on their validation split")
     g.add_argument("--domain-weight", type=float, help="dann: weight of the domain loss (default 1)")
     g.add_argument("--dann-separate-bn", action=argparse.BooleanOptionalAction,
                    help="dann: source and target in separate passes, each normalised with its own batch statistics "
-                        "(default on, as the reference implementations); --no-dann-separate-bn mixes them")
+                        "(default off: one pass, normalised with the mixed batch's statistics)")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction,
                    help="feature_extract only: run the frozen backbone once (eval preprocessing, NO augmentation) "
                         "and train the head on the cached features")

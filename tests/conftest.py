@@ -42,7 +42,22 @@ def torch_stack_available() -> bool:
 TORCH_OK = torch_stack_available()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--all-variants", action="store_true",
+                     help="also run the tests marked 'variants' (every size of every model family; make test-all)")
+
+
 def pytest_collection_modifyitems(config, items):
+    # The larger variants of a family (resnet101/152, efficientnet_b1..b7, ...) run the
+    # same code as the variant tested by default, only deeper or wider; their parity is
+    # measured by tools/parity_report.py and `make test-all`. Deselected here, not skipped.
+    if not config.getoption("--all-variants"):
+        kept, variants = [], []
+        for item in items:
+            (variants if "variants" in item.keywords else kept).append(item)
+        if variants:
+            config.hook.pytest_deselected(items=variants)
+            items[:] = kept
     if TORCH_OK:
         return
     skip = pytest.mark.skip(reason="needs the [torch] extra (torch, torchvision>=0.29, timm): pip install -e '.[dev]'")

@@ -46,12 +46,13 @@ def randomize_convnext(model, seed: int) -> None:
 
 @pytest.mark.torch
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+@pytest.mark.parametrize("name", [n if n in QUICK else
+                                  pytest.param(n, marks=[pytest.mark.slow, pytest.mark.variants]) for n in MODELS])
 def test_parity_eval_and_train(name, source, record_property):
     # 72 px: 18 -> 9 -> 4 -> 2, so a 2x2 stride-2 downsampling meets an odd map.
     seed = 40 + MODELS.index(name) + (0 if source == "torchvision" else 100)
     result = check_parity(name, source, size=72, seed=seed, jax_kwargs=NO_DROP_PATH, prepare=randomize_convnext)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

@@ -33,12 +33,13 @@ def randomize_classifier_bias(model, seed: int) -> None:
 
 @pytest.mark.torch
 @pytest.mark.parametrize("source", ["torchvision", pytest.param("timm", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", ["densenet121", pytest.param("densenet169", marks=pytest.mark.slow),
-                                  pytest.param("densenet201", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["densenet121",
+                                  *(pytest.param(n, marks=[pytest.mark.slow, pytest.mark.variants])
+                                    for n in ("densenet169", "densenet201"))])
 def test_parity_eval_and_train(name, source, record_property):
     seed = 30 + NAMES.index(name) + (0 if source == "torchvision" else 100)
     result = check_parity(name, source, seed=seed, prepare=randomize_classifier_bias)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

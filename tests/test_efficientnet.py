@@ -36,13 +36,14 @@ def randomize_biases(model, seed: int) -> None:
 
 @pytest.mark.torch
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+@pytest.mark.parametrize("name", [n if n in QUICK else
+                                  pytest.param(n, marks=[pytest.mark.slow, pytest.mark.variants]) for n in MODELS])
 def test_parity_eval_and_train(name, source, record_property):
     # 72 px: the feature maps reach odd sizes (9 -> 5 -> 3) at the strided
     # 3x3 / 5x5 depthwise convs, where asymmetric padding would show.
     seed = 20 + MODELS.index(name) + (0 if source == "torchvision" else 100)
     result = check_parity(name, source, size=72, seed=seed, jax_kwargs=NO_DROPOUT, prepare=randomize_biases)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.layers import BatchNorm, _conv_by_taps
+from jaxtl.models.layers import BatchNorm, Conv2d, _conv_by_patches, _conv_by_taps
 
 
 @pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
@@ -33,6 +33,29 @@ def test_conv_by_taps_equals_xla_conv(hw, k, stride, padding, dilation):
         g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
     for a, b in zip(g_taps, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,k", [(32, 48, 16), (2, 2, 2), (28, 14, 7)])
+def test_conv_by_patches_equals_xla_conv_and_is_used_for_patch_embeddings(h, w, k):
+    kx, kw = jax.random.split(jax.random.key(h + k))
+    x = jax.random.normal(kx, (2, h, w, 3))
+    kernel = jax.random.normal(kw, (k, k, 3, 6))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (k, k), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(_conv_by_patches(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+        # A fixed random cotangent (a sin() loss would amplify the forward's rounding
+        # of sums of k*k*3 products, |y| ~ 30, into the gradients).
+        cot = jax.random.normal(jax.random.key(7), ref(x, kernel).shape)
+        g = jax.grad(lambda x, w: jnp.sum(_conv_by_patches(x, w) * cot), argnums=(0, 1))(x, kernel)
+        g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, kernel)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    layer = Conv2d(6, k, stride=k, padding=0)
+    jaxpr = str(jax.make_jaxpr(lambda x: layer.apply({"params": {"kernel": kernel}}, x))(x))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
 def test_batchnorm_updates_running_var_with_unbiased_variance():

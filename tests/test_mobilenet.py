@@ -38,7 +38,7 @@ def randomize_biases(model, seed: int) -> None:
 def test_parity_eval_and_train(name, source, record_property):
     seed = 10 + MODELS.index(name) + (0 if source == "torchvision" else 100)
     result = check_parity(name, source, seed=seed, jax_kwargs=NO_DROPOUT, prepare=randomize_biases)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

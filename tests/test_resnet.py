@@ -16,10 +16,11 @@ SLOW = {"resnet101", "resnet152"}
 
 @pytest.mark.torch
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in DEPTHS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow, pytest.mark.variants]) if n in SLOW else n
+                                  for n in DEPTHS])
 def test_parity_eval_and_train(name, source, record_property):
     result = check_parity(name, source, seed=DEPTHS.index(name) + (0 if source == "torchvision" else 100))
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

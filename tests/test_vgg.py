@@ -39,7 +39,7 @@ def test_parity_eval_and_train(name, record_property):
     """32 px: the features end as a 1x1 map that the adaptive pool copies to 7x7."""
     result = check_parity(name, "torchvision", size=32, seed=20 + NAMES.index(name), jax_kwargs=NO_DROPOUT,
                           prepare=randomize_biases)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} 32 px: {result}")
     result.assert_ok()
 
@@ -53,7 +53,7 @@ def test_parity_eval_and_train(name, record_property):
 def test_parity_at_other_input_sizes(name, size, record_property):
     result = check_parity(name, "torchvision", size=size, seed=40 + size, jax_kwargs=NO_DROPOUT,
                           prepare=randomize_biases)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {size} px: {result}")
     result.assert_ok()
 

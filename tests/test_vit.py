@@ -78,12 +78,12 @@ def _params(name, **kwargs):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name,source", [pytest.param(n, s, marks=pytest.mark.slow) if n in SLOW else (n, s)
-                                         for n, s in CASES])
+@pytest.mark.parametrize("name,source", [pytest.param(n, s, marks=[pytest.mark.slow, pytest.mark.variants])
+                                         if n in SLOW else (n, s) for n, s in CASES])
 def test_parity_eval_and_train(name, source, record_property):
     batch = 2 if WIDTH[name] < 768 else 1
     result = check_parity(name, source, size=224, batch=batch, seed=NAMES.index(name), prepare=randomize_vit)
-    record_property("parity", result)
+    record_property("parity", str(result))
     print(f"{name} {source}: {result}")
     result.assert_ok()
 

@@ -60,7 +60,8 @@ def main() -> None:
         n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_variables(model, spec)["params"]))
         for source in sorted(spec.sources):
             size = spec.preprocessing.input_size if spec.family == "vit" else args.size
-            kw = {"drop_rate": 0.0} if "drop_rate" in _fields(spec) else {}
+            # Dropout and stochastic depth off: train mode must be deterministic on both sides.
+            kw = {k: 0.0 for k in ("drop_rate", "drop_path_rate") if k in _fields(spec)}
             t0 = time.perf_counter()
             try:
                 r = check_parity(name, source, size=size, batch=2, train=not args.no_train, jax_kwargs=kw,

@@ -67,7 +67,7 @@ def load_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{path}: not an image Pillow can read") from None
+        raise BadImageError(f"{path}: not a readable image (Pillow cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         # Name file-system problems as such (a symlink loop is not a "corrupt image").
         what = (file_error_reason(e) if isinstance(e, OSError) else None) or "truncated or corrupt image"

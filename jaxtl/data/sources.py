@@ -257,7 +257,7 @@ def check_file(path: Path, full: bool = False) -> str | None:
     except Image.DecompressionBombError as e:  # Pillow refuses over twice its limit: say so
         return f"refused as a decompression bomb ({e})"
     except UnidentifiedImageError:
-        return "not an image Pillow can read"
+        return "not a readable image (Pillow cannot identify the format)"
     except OSError as e:
         reason = file_error_reason(e)
         if reason:
@@ -341,10 +341,11 @@ def _require_all_classes(train: Source, val: Source, names: list[str], where: An
 # digits, tfds, arrays
 
 
-def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool = False) -> Dataset:
+def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool | str = False) -> Dataset:
     """scikit-learn's handwritten digits: 8x8 grey levels 0..16 -> uint8 RGB.
 
-    ``shifted``: the colour-shifted target domain of :mod:`jaxtl.data.domains`.
+    ``shifted``: a target domain of :mod:`jaxtl.data.domains` - ``True`` or
+    ``"digits-shifted"`` (MNIST-M style), ``"digits-inverted"`` (inverted, re-tinted).
     """
     try:
         from sklearn.datasets import load_digits
@@ -353,15 +354,18 @@ def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool = 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(images[..., None], 3, axis=-1)
+    name = "digits"
     if shifted:
-        from jaxtl.data.domains import shift_digits
+        from jaxtl.data.domains import SHIFTS
 
-        images = shift_digits(images)
+        name = "digits-shifted" if shifted is True else shifted
+        if name not in SHIFTS:
+            raise DataError(f"unknown digits shift {name!r}; choose from {', '.join(SHIFTS)}")
+        images = SHIFTS[name](images)
     names = [str(c) for c in d.target_names]
     whole = ArraySource(images, d.target.astype(np.int32), names)
     tr, va = stratified_split(whole.labels, val_fraction, seed)
-    return Dataset(whole.subset(tr), whole.subset(va), names, "digits-shifted" if shifted else "digits",
-                   flip_invariant=False)
+    return Dataset(whole.subset(tr), whole.subset(va), names, name, flip_invariant=False)
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
@@ -430,9 +434,10 @@ def tfds_dataset(name: str, *, data_dir: str | None = None, val_fraction: float 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.2, seed: int = 0,
                  limit_per_class: int | None = None, strict: bool = False) -> Dataset:
-    """``--data``: a folder path, ``digits`` (``digits-shifted``: its colour-shifted domain) or ``tfds:NAME``."""
-    if spec in ("digits", "digits-shifted"):
-        ds = digits_dataset(val_fraction=val_fraction, seed=seed, shifted=spec == "digits-shifted")
+    """``--data``: a folder path, ``digits`` (``digits-shifted``, ``digits-inverted``: shifted domains)
+    or ``tfds:NAME``."""
+    if spec in ("digits", "digits-shifted", "digits-inverted"):
+        ds = digits_dataset(val_fraction=val_fraction, seed=seed, shifted=False if spec == "digits" else spec)
     elif spec.startswith("tfds:"):
         ds = tfds_dataset(spec[5:], data_dir=data_dir, val_fraction=val_fraction, seed=seed)
     else:

@@ -115,6 +115,20 @@ def _conv_by_taps(x, kernel, stride: int, padding: int, dilation: int):
     return out.astype(x.dtype)
 
 
+def _conv_by_patches(x, kernel):
+    """A conv whose kernel equals its stride, without padding (ViT's patch
+    embedding): non-overlapping patches, so one matmul of the flattened patches.
+    Same result as the conv; one dot instead of k*k taps on small maps (a 16x16
+    kernel on a 2x2 output took 7 s to compile as taps) and faster than XLA's
+    CPU convolution at 224 px."""
+    n, h, w, cin = x.shape
+    k, _, _, cout = kernel.shape
+    patches = x.reshape(n, h // k, k, w // k, k, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, -1)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    y = jnp.einsum("nhwp,pd->nhwd", patches, kernel.reshape(k * k * cin, cout), preferred_element_type=acc)
+    return y.astype(x.dtype)
+
+
 class Conv2d(nn.Module):
     """``nn.Conv2d`` on NHWC input: explicit symmetric padding, ``kernel`` in HWIO
     (and optional ``bias``), the same parameters as ``flax.linen.Conv``."""
@@ -139,7 +153,11 @@ class Conv2d(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         out_h = (x.shape[1] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
         out_w = (x.shape[2] + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
-        if self.groups == 1 and k > 1 and out_h * out_w <= TINY_MAP_PIXELS:
+        patchify = (self.groups == 1 and k > 1 and k == self.stride and self.padding == 0 and self.dilation == 1
+                    and x.shape[1] % k == 0 and x.shape[2] % k == 0)
+        if patchify:
+            y = _conv_by_patches(x, kernel)
+        elif self.groups == 1 and 1 < k <= 3 and out_h * out_w <= TINY_MAP_PIXELS:
             y = _conv_by_taps(x, kernel, self.stride, self.padding, self.dilation)
         else:
             p = self.padding

@@ -85,7 +85,7 @@ class TrainConfig:
     target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
                                            # every strategy reports accuracy on their validation split
     domain_weight: float = 1.0             # dann: weight of the domain loss
-    dann_separate_bn: bool = True          # dann: per-domain batch statistics in training (two passes)
+    dann_separate_bn: bool = False         # dann: per-domain batch statistics in training (two passes)
     mapping: str = "shard_map"
     workers: int = 2
     keep_checkpoints: int = 2
@@ -129,7 +129,7 @@ class TrainConfig:
                               f"frozen for its features to be cached), not {self.strategy.kind}")
         if self.strategy.kind == "dann" and not self.target_data:
             raise ConfigError("--strategy dann needs --target-data (images of the target domain: a folder, "
-                              "digits-shifted or tfds:NAME)")
+                              "digits-shifted, digits-inverted or tfds:NAME)")
         if self.domain_weight < 0:
             raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
         if self.cache_features and self.color_jitter:

@@ -3,8 +3,8 @@
 JAXTL_TEST_FAULT = "hang:N" (the N-th save writes all its data, touches
 $JAXTL_TEST_MARKER and then hangs just before committing - a kill -9 lands
 in the middle of the checkpoint write) or "enospc:N" (the N-th save fails as
-a full disk would). The hook is orbax's commit step: the temporary folder
-holds the complete data and is renamed into place only after it.
+a full disk would). The hook is orbax's commit step of a step folder: the
+temporary folder holds the complete data and is renamed into place only after it.
 """
 
 import asyncio
@@ -22,6 +22,8 @@ _calls = {"n": 0}
 
 
 async def finalize(self):
+    if not self.get_final().name.isdigit():  # item folders inside a step are finalized too: count steps only
+        return await _original(self)
     _calls["n"] += 1
     if _calls["n"] == nth:
         if kind == "hang":
