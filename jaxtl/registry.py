@@ -268,6 +268,32 @@ LEAF_TO_TORCH = {
 }
 
 
+class TableKeyMap:
+    """A source's key map driven by a table ``{flax module path: torch module name}``.
+
+    ``("params", "stage2_0", "fc1", "kernel")`` -> ``table[("stage2_0", "fc1")] + ".weight"``
+    (the leaf through :data:`LEAF_TO_TORCH`). Families whose tables carry more
+    (a layout adapter, a leaf that is its own module) override :meth:`torch_key`.
+    """
+
+    def __init__(self, variant: str, source: str, table: Mapping[tuple[str, ...], Any]):
+        self.variant, self.source, self.table = variant, source, table
+
+    def torch_key(self, collection: str, modules: tuple[str, ...], leaf: str):
+        """The PyTorch key (or ``(key, adapter)``); KeyError when there is none."""
+        return f"{self.table[modules]}.{LEAF_TO_TORCH[(collection, leaf)]}"
+
+    def __call__(self, flax_path: FlaxPath):
+        collection, *modules, leaf = flax_path
+        try:
+            return self.torch_key(collection, tuple(modules), leaf)
+        except KeyError:
+            raise KeyError(f"no {self.source} name for Flax leaf {'/'.join(flax_path)} ({self.variant})") from None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.variant!r}, {self.source!r})"
+
+
 def torch_module_name(flax_module: str) -> str:
     """``layer1_0`` -> ``layer1.0``; ``features_3_conv_0`` -> ``features.3.conv.0``.
 

@@ -50,6 +50,33 @@ def randomize_norm_layers(model, seed: int = 0) -> None:
                 mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.2)
 
 
+def randomize_biases(model, seed: int, scale: float = 0.5) -> None:
+    """Random conv / Linear biases: torchvision and timm initialise many of them
+    (squeeze-excitation, classifier, VGG's convs) to zero, which would hide a
+    bias applied in the wrong place."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
+                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * scale)
+
+
+def randomize_zero_initialised(model, seed: int) -> None:
+    """Every family at once (tools/parity_report.py): random biases, layer
+    scales, class token, position embedding and head weights, all of which
+    some library initialises to zero (or to 1e-6)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "gamma" in name or "layer_scale" in name or name.endswith("head.weight") \
+                    or "cls_token" in name or "pos_embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
 def disable_dropout(model) -> None:
     """Dropout/drop-path off so train mode is deterministic in PyTorch."""
     import torch

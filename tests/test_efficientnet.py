@@ -13,25 +13,13 @@ from flax import traverse_util
 import jaxtl
 from jaxtl.models import abstract_variables, create_model
 from jaxtl.models.efficientnet import EfficientNet, MBConv, MBConvConfig, architecture, drop_path_rates
-from parity import check_parity, rel_err
+from parity import check_parity, randomize_biases, rel_err
 
 MODELS = [f"efficientnet_b{i}" for i in range(8)]
 QUICK = {"efficientnet_b0"}
 # Classifier dropout and stochastic depth off on both sides, so train mode is deterministic.
 NO_DROPOUT = {"drop_rate": 0.0, "drop_path_rate": 0.0}
 STAGES = tuple(f"stage{i}" for i in range(1, 8))
-
-
-def randomize_biases(model, seed: int) -> None:
-    """The squeeze-excitation's and the classifier's biases start at zero in
-    both libraries, which would hide a bias applied in the wrong place."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.5)
 
 
 @pytest.mark.torch

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.layers import BatchNorm, Conv2d, _conv_by_patches, _conv_by_taps
+from jaxtl.models.layers import BatchNorm, Conv2d, Linear, _conv_by_patches, _conv_by_taps, gelu_exact
 
 
 @pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
@@ -56,6 +57,53 @@ def test_conv_by_patches_equals_xla_conv_and_is_used_for_patch_embeddings(h, w, 
     layer = Conv2d(6, k, stride=k, padding=0)
     jaxpr = str(jax.make_jaxpr(lambda x: layer.apply({"params": {"kernel": kernel}}, x))(x))
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+@pytest.mark.parametrize("h,w,stride", [(9, 7, 1), (9, 7, 2), (8, 8, 2), (5, 6, 3)])
+def test_pointwise_conv_is_a_matmul_equal_to_xla_conv(h, w, stride):
+    kx, kw = jax.random.split(jax.random.key(h * 10 + stride))
+    x = jax.random.normal(kx, (2, h, w, 12))
+    kernel = jax.random.normal(kw, (1, 1, 12, 20))
+    layer = Conv2d(20, 1, stride=stride, padding=0)
+
+    def ours(x, k):
+        return layer.apply({"params": {"kernel": k}}, x)
+
+    def ref(x, k):
+        return lax.conv_general_dilated(x, k, (stride, stride), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    with jax.default_matmul_precision("highest"):
+        y, y_ref = ours(x, kernel), ref(x, kernel)
+        cot = jax.random.normal(jax.random.key(3), y_ref.shape)
+        g = jax.grad(lambda x, k: jnp.sum(ours(x, k) * cot), argnums=(0, 1))(x, kernel)
+        g_ref = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cot), argnums=(0, 1))(x, kernel)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    jaxpr = str(jax.make_jaxpr(ours)(x, kernel))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_linear_matches_flax_dense_on_token_input():
+    """Same parameters, initial values and outputs as nn.Dense on (batch, tokens, width)."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+    ours, ref = Linear(7), nn.Dense(7, kernel_init=Linear.kernel_init)
+    p, p_ref = ours.init(jax.random.key(1), x), ref.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, p_ref)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+        np.testing.assert_array_equal(a, b)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-6, atol=1e-6)
+    assert ours.apply(p, x).shape == (3, 5, 7)
+
+
+def test_gelu_exact_matches_torch_formula():
+    x = np.linspace(-8, 8, 2001, dtype=np.float32)
+    torch = pytest.importorskip("torch")
+    expected = torch.nn.functional.gelu(torch.from_numpy(x), approximate="none").numpy()
+    np.testing.assert_allclose(np.asarray(gelu_exact(jnp.asarray(x))), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_batchnorm_updates_running_var_with_unbiased_variance():

@@ -11,25 +11,13 @@ from flax import traverse_util
 import jaxtl
 from jaxtl.models import abstract_variables, create_model
 from jaxtl.models.layers import DEPTHWISE_ENV, DepthwiseConv, depthwise_conv, depthwise_impl
-from parity import check_parity, rel_err
+from parity import check_parity, randomize_biases, rel_err
 
 MODELS = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"]
 TIMM_NAMES = {"mobilenet_v2": "mobilenetv2_100", "mobilenet_v3_small": "mobilenetv3_small_100",
               "mobilenet_v3_large": "mobilenetv3_large_100"}
 # Dropout is switched off on both sides so train mode is deterministic.
 NO_DROPOUT = {"drop_rate": 0.0}
-
-
-def randomize_biases(model, seed: int) -> None:
-    """torchvision and timm initialise conv/Linear biases (SE, V3's hidden layer,
-    classifier) to zero, which would hide a bias applied in the wrong place."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.5)
 
 
 @pytest.mark.torch
@@ -156,7 +144,8 @@ def test_every_parameter_is_in_exactly_one_group(name):
 # Depthwise convolution.
 
 
-@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2)])
+@pytest.mark.parametrize("kernel,stride,dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2),
+                                                     (3, 2, 2), (3, 3, 1)])
 def test_depthwise_shift_add_equals_grouped(kernel, stride, dilation):
     rng = np.random.default_rng(kernel * 10 + stride)
     x = jnp.asarray(rng.standard_normal((2, 13, 11, 24)), jnp.float32)  # odd sizes: strided edges

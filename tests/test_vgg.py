@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import jaxtl
 from jaxtl.errors import ConfigError, ConversionError
 from jaxtl.models import abstract_variables, create_model
 from jaxtl.models.vgg import _bin_edges, adaptive_avg_pool
-from parity import check_parity, rel_err
+from parity import check_parity, randomize_biases, rel_err
 
 NAMES = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 QUICK = {"vgg11", "vgg11_bn"}
@@ -21,24 +23,12 @@ GROUPS = ("block1", "block2", "block3", "block4", "block5", "fc", "head")
 NO_DROPOUT = {"drop_rate": 0.0}
 
 
-def randomize_biases(model, seed: int) -> None:
-    """torchvision initialises every conv and Linear bias to zero, which would
-    hide a bias added in the wrong place."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g) * 0.1)
-
-
 @pytest.mark.torch
 @pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_parity_eval_and_train(name, record_property):
     """32 px: the features end as a 1x1 map that the adaptive pool copies to 7x7."""
     result = check_parity(name, "torchvision", size=32, seed=20 + NAMES.index(name), jax_kwargs=NO_DROPOUT,
-                          prepare=randomize_biases)
+                          prepare=partial(randomize_biases, scale=0.1))
     record_property("parity", str(result))
     print(f"{name} 32 px: {result}")
     result.assert_ok()
@@ -52,7 +42,7 @@ def test_parity_eval_and_train(name, record_property):
 ])
 def test_parity_at_other_input_sizes(name, size, record_property):
     result = check_parity(name, "torchvision", size=size, seed=40 + size, jax_kwargs=NO_DROPOUT,
-                          prepare=randomize_biases)
+                          prepare=partial(randomize_biases, scale=0.1))
     record_property("parity", str(result))
     print(f"{name} {size} px: {result}")
     result.assert_ok()

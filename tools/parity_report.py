@@ -29,20 +29,8 @@ import numpy as np  # noqa: E402
 
 import jaxtl  # noqa: E402
 from common import machine, markdown_table, write_json  # noqa: E402
-from parity import check_parity  # noqa: E402
+from parity import check_parity, randomize_zero_initialised  # noqa: E402
 from jaxtl.models import abstract_variables  # noqa: E402
-
-
-def _prepare_all_biases(model, seed):
-    """Random biases and layer scales too: zero-initialised ones would hide mistakes."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "gamma" in name or "layer_scale" in name or name.endswith("head.weight") \
-                    or "cls_token" in name or "pos_embed" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def main() -> None:
@@ -65,7 +53,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 r = check_parity(name, source, size=size, batch=2, train=not args.no_train, jax_kwargs=kw,
-                                 prepare=_prepare_all_biases)
+                                 prepare=randomize_zero_initialised)
                 r.assert_ok()
                 status = "ok"
             except AssertionError as e:

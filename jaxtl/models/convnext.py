@@ -33,15 +33,14 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from jaxtl.models.efficientnet import check_rates, stochastic_depth
-from jaxtl.models.layers import DepthwiseConv, conv, dense, gelu_exact, global_avg_pool
+from jaxtl.models.efficientnet import stochastic_depth
+from jaxtl.models.layers import DepthwiseConv, check_rates, conv, dense, gelu_exact, global_avg_pool
 from jaxtl.registry import (
-    LEAF_TO_TORCH,
     BackboneSpec,
-    FlaxPath,
     Preprocessing,
     PretrainedWeights,
     SourceSpec,
+    TableKeyMap,
     register,
     timm_preprocessing,
 )
@@ -206,25 +205,18 @@ def module_names(variant: str, source: str) -> dict[tuple[str, ...], str]:
     return table
 
 
-class ConvNeXtKeyMap:
-    """The source's key map: ``("params", "stage2_0", "fc1", "kernel")`` -> its PyTorch key."""
+class ConvNeXtKeyMap(TableKeyMap):
+    """``("params", "stage2_0", "fc1", "kernel")`` -> its PyTorch key; the layer
+    scale is a leaf here and its own parameter there."""
 
     def __init__(self, variant: str, source: str):
-        self.variant, self.source = variant, source
-        self.table = module_names(variant, source)
+        super().__init__(variant, source, module_names(variant, source))
 
-    def __call__(self, flax_path: FlaxPath):
-        collection, *modules, leaf = flax_path
-        try:
-            if collection == "params" and leaf == "layer_scale":
-                key = self.table[(*modules, leaf)]
-                return (key, _layer_scale_from_torchvision) if self.source == "torchvision" else key
-            return f"{self.table[tuple(modules)]}.{LEAF_TO_TORCH[(collection, leaf)]}"
-        except KeyError:
-            raise KeyError(f"no {self.source} name for Flax leaf {'/'.join(flax_path)} ({self.variant})") from None
-
-    def __repr__(self) -> str:
-        return f"ConvNeXtKeyMap({self.variant!r}, {self.source!r})"
+    def torch_key(self, collection, modules, leaf):
+        if collection == "params" and leaf == "layer_scale":
+            key = self.table[(*modules, leaf)]
+            return (key, _layer_scale_from_torchvision) if self.source == "torchvision" else key
+        return super().torch_key(collection, modules, leaf)
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ defaults), classifier dropout and stochastic-depth defaults (torchvision
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -39,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxtl.errors import ConfigError
 from jaxtl.models.layers import (
     BatchNorm,
     DepthwiseConv,
+    check_rates,
     conv,
     conv_init,
     dense,
@@ -55,12 +54,11 @@ from jaxtl.registry import (
     IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
-    LEAF_TO_TORCH,
     BackboneSpec,
-    FlaxPath,
     Preprocessing,
     PretrainedWeights,
     SourceSpec,
+    TableKeyMap,
     register,
     timm_preprocessing,
 )
@@ -154,15 +152,6 @@ def stochastic_depth(module: nn.Module, x, rate: float, deterministic: bool):
         return jnp.zeros_like(x)
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
-
-
-def check_rates(module: nn.Module, family: str) -> None:
-    """Dropout and stochastic-depth rates are probabilities (a typo such as 20 for
-    0.2 would otherwise drop everything silently)."""
-    for attr in ("drop_rate", "drop_path_rate"):
-        value = getattr(module, attr)
-        if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{family} {attr} must be in [0, 1], got {value!r}")
 
 
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
@@ -339,27 +328,17 @@ def module_names(variant: str, source: str) -> dict[tuple[str, ...], str]:
     return table
 
 
-class EfficientNetKeyMap:
-    """The source's key map: ``("params", "stage2_0", "se", "reduce", "kernel")`` -> its PyTorch key."""
+class EfficientNetKeyMap(TableKeyMap):
+    """``("params", "stage2_0", "se", "reduce", "kernel")`` -> its PyTorch key."""
 
     def __init__(self, variant: str, source: str):
-        self.variant, self.source = variant, source
-        self.table = module_names(variant, source)
+        super().__init__(variant, source, module_names(variant, source))
 
-    def __call__(self, flax_path: FlaxPath):
-        collection, *modules, leaf = flax_path
-        try:
-            torch_module = self.table[tuple(modules)]
-            torch_leaf = LEAF_TO_TORCH[(collection, leaf)]
-        except KeyError:
-            raise KeyError(f"no {self.source} name for Flax leaf {'/'.join(flax_path)} ({self.variant})") from None
-        key = f"{torch_module}.{torch_leaf}"
+    def torch_key(self, collection, modules, leaf):
+        key = super().torch_key(collection, modules, leaf)
         if leaf == "kernel" and modules[-1] in ("reduce", "expand"):
             return key, conv1x1_to_dense  # the squeeze-excitation's 1x1 convs are Dense here
         return key
-
-    def __repr__(self) -> str:
-        return f"EfficientNetKeyMap({self.variant!r}, {self.source!r})"
 
 
 # ---------------------------------------------------------------------------

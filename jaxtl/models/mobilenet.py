@@ -44,10 +44,10 @@ from jaxtl.models.layers import (
 from jaxtl.registry import (
     LEAF_TO_TORCH,
     BackboneSpec,
-    FlaxPath,
     Preprocessing,
     PretrainedWeights,
     SourceSpec,
+    TableKeyMap,
     register,
     timm_preprocessing,
 )
@@ -380,28 +380,17 @@ def module_names(arch_name: str, source: str) -> dict[tuple[str, ...], tuple[str
     return table
 
 
-class MobileNetKeyMap:
-    """The source's key map: ``("params", "stage2_0", "dw_conv", "kernel")`` -> its PyTorch key."""
+class MobileNetKeyMap(TableKeyMap):
+    """``("params", "stage2_0", "dw_conv", "kernel")`` -> its PyTorch key; the
+    squeeze-excitation's 1x1 convs are Dense here (kernel adapter)."""
 
     def __init__(self, arch_name: str, source: str):
-        self.arch_name, self.source = arch_name, source
-        self.table = module_names(arch_name, source)
+        super().__init__(arch_name, source, module_names(arch_name, source))
 
-    def __call__(self, flax_path: FlaxPath):
-        collection, *modules, leaf = flax_path
-        try:
-            torch_module, as_dense = self.table[tuple(modules)]
-            torch_leaf = LEAF_TO_TORCH[(collection, leaf)]
-        except KeyError:
-            raise KeyError(f"no {self.source} name for Flax leaf {'/'.join(flax_path)} "
-                           f"(MobileNet {self.arch_name})") from None
-        key = f"{torch_module}.{torch_leaf}"
-        if as_dense and leaf == "kernel":
-            return key, conv1x1_to_dense
-        return key
-
-    def __repr__(self) -> str:
-        return f"MobileNetKeyMap({self.arch_name!r}, {self.source!r})"
+    def torch_key(self, collection, modules, leaf):
+        torch_module, as_dense = self.table[modules]
+        key = f"{torch_module}.{LEAF_TO_TORCH[(collection, leaf)]}"
+        return (key, conv1x1_to_dense) if as_dense and leaf == "kernel" else key
 
 
 # ---------------------------------------------------------------------------
