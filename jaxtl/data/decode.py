@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from jaxtl.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+UNREADABLE_FORMAT = "not a readable image (Pillow cannot identify the format)"
 
 # Pillow's own guard against decompression bombs (Image.MAX_IMAGE_PIXELS, ~89 Mpixel in
 # Pillow 13, ~179 Mpixel before). Images above it are refused as bad files rather than
@@ -67,7 +68,7 @@ def load_image(path: str | Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(f"{path}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{path}: not a readable image (Pillow cannot identify the format)") from None
+        raise BadImageError(f"{path}: {UNREADABLE_FORMAT}") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         # Name file-system problems as such (a symlink loop is not a "corrupt image").
         what = (file_error_reason(e) if isinstance(e, OSError) else None) or "truncated or corrupt image"

@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jaxtl.data import decode
-from jaxtl.data.decode import IMAGE_EXTENSIONS, BadImageError, file_error_reason, load_image, to_rgb
+from jaxtl.data.decode import IMAGE_EXTENSIONS, UNREADABLE_FORMAT, BadImageError, file_error_reason, load_image, to_rgb
+from jaxtl.data.domains import SHIFTS
 from jaxtl.errors import ConfigError, DataError
 
 VAL_DIR_NAMES = ("val", "valid", "validation", "test")
@@ -257,7 +258,7 @@ def check_file(path: Path, full: bool = False) -> str | None:
     except Image.DecompressionBombError as e:  # Pillow refuses over twice its limit: say so
         return f"refused as a decompression bomb ({e})"
     except UnidentifiedImageError:
-        return "not a readable image (Pillow cannot identify the format)"
+        return UNREADABLE_FORMAT
     except OSError as e:
         reason = file_error_reason(e)
         if reason:
@@ -356,8 +357,6 @@ def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool | 
     images = np.repeat(images[..., None], 3, axis=-1)
     name = "digits"
     if shifted:
-        from jaxtl.data.domains import SHIFTS
-
         name = "digits-shifted" if shifted is True else shifted
         if name not in SHIFTS:
             raise DataError(f"unknown digits shift {name!r}; choose from {', '.join(SHIFTS)}")
@@ -436,7 +435,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, val_fraction: float 
                  limit_per_class: int | None = None, strict: bool = False) -> Dataset:
     """``--data``: a folder path, ``digits`` (``digits-shifted``, ``digits-inverted``: shifted domains)
     or ``tfds:NAME``."""
-    if spec in ("digits", "digits-shifted", "digits-inverted"):
+    if spec == "digits" or spec in SHIFTS:
         ds = digits_dataset(val_fraction=val_fraction, seed=seed, shifted=False if spec == "digits" else spec)
     elif spec.startswith("tfds:"):
         ds = tfds_dataset(spec[5:], data_dir=data_dir, val_fraction=val_fraction, seed=seed)

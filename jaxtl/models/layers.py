@@ -13,12 +13,15 @@ must give torchvision's/timm's logits to float32 rounding:
 from __future__ import annotations
 
 from functools import partial
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
+
+from jaxtl.errors import ConfigError
 
 Dtype = Any
 
@@ -116,20 +119,6 @@ def _conv_by_taps(x, kernel, stride: int, padding: int, dilation: int):
     return out.astype(x.dtype)
 
 
-def _conv_by_patches(x, kernel):
-    """A conv whose kernel equals its stride, without padding (ViT's patch
-    embedding): non-overlapping patches, so one matmul of the flattened patches.
-    Same result as the conv; one dot instead of k*k taps on small maps (a 16x16
-    kernel on a 2x2 output took 7 s to compile as taps) and faster than XLA's
-    CPU convolution at 224 px."""
-    n, h, w, cin = x.shape
-    k, _, _, cout = kernel.shape
-    patches = x.reshape(n, h // k, k, w // k, k, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, -1)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    y = jnp.einsum("nhwp,pd->nhwd", patches, kernel.reshape(k * k * cin, cout), preferred_element_type=acc)
-    return y.astype(x.dtype)
-
-
 def _pointwise_conv(x, kernel, stride: int):
     """A 1x1 conv as one (pixels, Cin) @ (Cin, Cout) matmul (stride: subsample first).
 
@@ -143,6 +132,18 @@ def _pointwise_conv(x, kernel, stride: int):
     acc = jnp.promote_types(x.dtype, jnp.float32)
     y = jnp.dot(x.reshape(n * h * w, cin), kernel.reshape(cin, -1), preferred_element_type=acc)
     return y.reshape(n, h, w, -1).astype(x.dtype)
+
+
+def _conv_by_patches(x, kernel):
+    """A conv whose kernel equals its stride, without padding (ViT's patch
+    embedding): non-overlapping patches, so one matmul of the flattened patches.
+    Same result as the conv; one dot instead of k*k taps on small maps (a 16x16
+    kernel on a 2x2 output took 7 s to compile as taps) and faster than XLA's
+    CPU convolution at 224 px."""
+    n, h, w, cin = x.shape
+    k, _, _, cout = kernel.shape
+    patches = x.reshape(n, h // k, k, w // k, k, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // k, w // k, -1)
+    return _pointwise_conv(patches, kernel.reshape(1, 1, k * k * cin, cout), 1)
 
 
 class Conv2d(nn.Module):
@@ -243,10 +244,6 @@ def global_avg_pool(x):
 def check_rates(module: nn.Module, family: str, attrs: Sequence[str] = ("drop_rate", "drop_path_rate")) -> None:
     """Dropout and stochastic-depth rates are probabilities (a typo such as 20 for
     0.2 would otherwise drop everything silently)."""
-    import numbers
-
-    from jaxtl.errors import ConfigError
-
     for attr in attrs:
         value = getattr(module, attr)
         if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
@@ -314,8 +311,6 @@ def depthwise_impl(requested: str | None = None) -> str:
         return "shift_add" if jax.default_backend() == "cpu" else "grouped"
     choice = choice.strip().lower()
     if choice not in DEPTHWISE_IMPLS:
-        from jaxtl.errors import ConfigError
-
         where = "the model's depthwise_impl" if requested else f"${DEPTHWISE_ENV}"
         raise ConfigError(f"unknown depthwise implementation {choice!r} (from {where}); "
                           f"use one of {', '.join(DEPTHWISE_IMPLS)}")
@@ -363,12 +358,11 @@ def _depthwise_shift_add_bwd(stride, padding, dilation, residuals, grad):
     kh, kw, _, c = kernel.shape
     n, out_h, out_w, _ = grad.shape
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    phases = _phase_split(jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).astype(acc_dtype),
-                          stride)
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).astype(acc_dtype)
     g = grad.astype(acc_dtype)
 
     def tap(t, dk):
-        window = _tap_window(phases, (t // kw) * dilation, (t % kw) * dilation, out_h, out_w, stride)
+        window = _tap_window(padded, (t // kw) * dilation, (t % kw) * dilation, out_h, out_w, stride)
         return dk.at[t].set(jnp.sum(window * g, axis=(0, 1, 2)))
 
     dk = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, c), acc_dtype))
@@ -391,39 +385,31 @@ def _depthwise_shift_add_forward(x, kernel, stride: int, padding: int, dilation:
                          f"(padding {padding}, dilation {dilation})")
     # Low-precision inputs accumulate in float32 (a conv accumulates wide too).
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    phases = _phase_split(x, stride)
     out = None
     for i in range(kh):
         for j in range(kw):
             # The pixels that tap (i, j) of the kernel sees for every output pixel.
-            window = _tap_window(phases, i * dilation, j * dilation, out_h, out_w, stride)
+            window = _tap_window(x, i * dilation, j * dilation, out_h, out_w, stride)
             term = window.astype(acc_dtype) * kernel[i, j, 0, :].astype(acc_dtype)
             out = term if out is None else out + term
     return out.astype(x.dtype)
 
 
-def _phase_split(x, stride: int):
-    """Padded NHWC ``x`` as (N, H/s, s, W/s, s, C): row ``top + k*s`` is then
-    ``[top // s + k, top % s]``, so a strided tap is a plain slice. XLA's CPU
-    backend runs strided slices inside fusions ~8x slower (stride-2 depthwise
-    layer 32x64x64x96: 20-24 ms forward vs PyTorch 2-3 ms)."""
-    if stride == 1:
-        return x
-    n, h, w, c = x.shape
-    hs, ws = -(-h // stride), -(-w // stride)
-    x = jnp.pad(x, ((0, 0), (0, hs * stride - h), (0, ws * stride - w), (0, 0)))
-    return x.reshape(n, hs, stride, ws, stride, c)
+def _tap_window(x, top, left, out_h: int, out_w: int, stride: int):
+    """Padded input pixels ``[top + k*stride, left + l*stride]`` for all output
+    (k, l): the pixels that one kernel tap sees.
 
-
-def _tap_window(phases, top, left, out_h: int, out_w: int, stride: int):
-    """Input pixels ``[top + k*stride, left + l*stride]`` for all output (k, l);
-    ``top``/``left`` may be traced (then a dynamic slice)."""
-    n, c = phases.shape[0], phases.shape[-1]
-    if stride == 1:
-        return lax.dynamic_slice(phases, (0, top, left, 0), (n, out_h, out_w, c))
-    window = lax.dynamic_slice(phases, (0, top // stride, top % stride, left // stride, left % stride, 0),
-                               (n, out_h, 1, out_w, 1, c))
-    return window.reshape(n, out_h, out_w, c)
+    Python-int offsets (the forward) give one strided ``lax.slice``, whose
+    transpose is a single pad; traced offsets (the kernel-gradient loop) need a
+    ``dynamic_slice``, whose transpose would write a full-size zero buffer per
+    tap (the stride-2 input gradient of a 32x64x64x96 layer took 57 ms that way
+    instead of 19)."""
+    n, c = x.shape[0], x.shape[-1]
+    span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+    if isinstance(top, int) and isinstance(left, int):
+        return lax.slice(x, (0, top, left, 0), (n, top + span_h, left + span_w, c), (1, stride, stride, 1))
+    window = lax.dynamic_slice(x, (0, top, left, 0), (n, span_h, span_w, c))
+    return window[:, ::stride, ::stride, :] if stride > 1 else window
 
 
 class DepthwiseConv(nn.Module):
