@@ -63,7 +63,8 @@ def run_jaxtl(data: str, epochs: int, out: Path) -> dict:
            "feature_extract", "--cache-features", "--epochs", str(epochs), "--opt", "sgd", "--lr", "0.01",
            "--momentum", "0.9", "--sched", "constant", "--batch-size", "32", "--output", str(out), "--no-progress"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # A cold run: no compiled steps from an earlier run (jaxtl's compilation cache is off for this).
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "JAXTL_NO_COMPILE_CACHE": "1"})
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])

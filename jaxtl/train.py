@@ -16,6 +16,7 @@ import sys
 from typing import Sequence
 
 from jaxtl.cli import EXIT_USER_ERROR
+from jaxtl.compile_cache import enable_compile_cache
 from jaxtl.errors import ConfigError, Interrupted, JaxtlError, TrainingError
 
 EXIT_INTERRUPTED = 130
@@ -208,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    enable_compile_cache()   # reruns, resumes and progressive stages load compiled steps from disk
     try:
         from jaxtl.training.loop import train
         from jaxtl.training.parallel import maybe_initialize_distributed

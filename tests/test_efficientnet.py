@@ -11,7 +11,7 @@ import pytest
 from flax import traverse_util
 
 import jaxtl
-from jaxtl.models import abstract_variables, create_model
+from jaxtl.models import create_model
 from jaxtl.models.efficientnet import EfficientNet, MBConv, MBConvConfig, architecture, drop_path_rates
 from parity import check_parity, randomize_biases, rel_err
 
@@ -190,31 +190,6 @@ def test_architecture_widths_and_depths():
     assert [s[0].out_features for s in b2.stages] == [16, 24, 48, 88, 120, 208, 352]
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_parameter_is_in_exactly_one_group(name):
-    spec = jaxtl.get_spec(name)
-    model = create_model(name, num_classes=7)
-    shapes = traverse_util.flatten_dict(
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))
-    params = [p for p in shapes if p[0] == "params"]
-    for path in params:
-        matching = [g for g, prefixes in spec.layer_groups if any(path[1:1 + len(p)] == p for p in prefixes)]
-        assert len(matching) == 1, (path, matching)
-    assert {spec.group_of(p[1:]) for p in params} == set(spec.group_names)
-    head = [p for p in params if spec.group_of(p[1:]) == "head"]
-    assert sorted(p[-1] for p in head) == ["bias", "kernel"]
-    assert shapes[("params", "classifier", "kernel")].shape == (spec.num_features, 7)
-    # Both sources name every leaf, and no two leaves share a PyTorch key.
-    for src in spec.sources.values():
-        keys = [src.key_map(p) for p in shapes]
-        keys = [k[0] if isinstance(k, tuple) else k for k in keys]
-        assert len(set(keys)) == len(keys)
-
-
-# ---------------------------------------------------------------------------
-# Train-mode behaviour.
-
-
 def random_variables(module, *args, seed: int = 0) -> dict:
     """He-scaled random kernels, random BatchNorm, made in numpy from the
     abstract variables (compiling ``init`` costs far more than these tests)."""
@@ -320,18 +295,6 @@ def test_frozen_groups_keep_statistics_and_train_mode_differs():
     assert rel_err(a, b) > 1e-4
     # Everything frozen: train mode is eval mode (running statistics, nothing random, no rng needed).
     assert rel_err(all_frozen, evaluated) <= 1e-6
-
-
-def test_output_shapes_features_and_float32_params():
-    spec = jaxtl.get_spec("efficientnet_b0")
-    model = create_model("efficientnet_b0", num_classes=4, dtype="bfloat16")
-    variables = abstract_variables(model, spec)
-    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
-    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
-    feats = jax.eval_shape(lambda v, x: model.apply(v, x, features_only=True), variables, x)
-    assert feats.shape == (2, spec.num_features) and feats.dtype == jnp.float32
-    logits = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
-    assert logits.shape == (2, 4) and logits.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("kwargs", [{"drop_rate": 1.5}, {"drop_path_rate": -0.1}, {"drop_rate": "0.2"}])

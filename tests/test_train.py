@@ -131,3 +131,40 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipped (--skip-nonfinite)" in r.stdout
     assert records(tmp_path / "skip")[-1]["nonfinite_skipped"] > 0
+
+
+def test_compiled_steps_are_cached_and_a_rerun_loads_them(tmp_path):
+    """The command line turns on JAX's persistent compilation cache inside jaxtl's cache folder."""
+    env = {"JAXTL_CACHE": str(tmp_path / "cache")}
+    args = [*SMALL, "--strategy", "finetune", "--epochs", "1"]
+    run_train(*args, "--output", tmp_path / "first", check=True, env=env)
+    folders = list((tmp_path / "cache" / "xla").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("jaxlib-")
+    entries = sorted(folders[0].glob("*-cache"))
+    assert entries, "nothing was written to the compilation cache"
+    read_at = {p: p.with_name(p.name.replace("-cache", "-atime")).read_bytes() for p in entries}
+    run_train(*args, "--output", tmp_path / "second", check=True, env=env)
+    assert sorted(folders[0].glob("*-cache")) == entries          # nothing compiled anew
+    assert any(p.with_name(p.name.replace("-cache", "-atime")).read_bytes() != t for p, t in read_at.items())
+    first, second = flat_variables(tmp_path / "first"), flat_variables(tmp_path / "second")
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_compile_cache_respects_the_opt_out_and_the_users_own_setting(monkeypatch, tmp_path):
+    import jax
+
+    from jaxtl.compile_cache import OPT_OUT, compile_cache_dir, enable_compile_cache
+
+    monkeypatch.setenv("JAXTL_CACHE", str(tmp_path))
+    assert compile_cache_dir().parent == tmp_path / "xla"
+    monkeypatch.setenv(OPT_OUT, "1")
+    assert enable_compile_cache() is None
+    monkeypatch.delenv(OPT_OUT)
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    try:
+        assert enable_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert not (tmp_path / "xla").exists()
