@@ -39,7 +39,7 @@ import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
 import jax
 import jax.numpy as jnp
 
-from common import alternate, log, machine, markdown_table, median, peak_rss_mib, write_json
+from common import alternate, log, machine, markdown_table, median, peak_rss_mib, results_path, write_json
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_tiny_patch16_224")
 SIZES = (128, 224)
@@ -244,12 +244,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one round of one repeat (a smoke run)")
-    p.add_argument("--out", default="throughput.json")
+    p.add_argument("--out", default="throughput.json",
+                   help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
     args = p.parse_args()
     if args.quick:
         args.rounds, args.repeats = 1, 1
         if args.out == "throughput.json":
             args.out = "throughput_quick.json"
+    results_path(args.out)  # a bad --out fails now, not after the measurements
     import torch
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"

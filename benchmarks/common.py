@@ -94,9 +94,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def results_path(name: str) -> Path:
+    """Where ``--out NAME`` goes: a bare file name into ``benchmarks/results/``,
+    anything with a folder in it (``out/x.json``, ``/tmp/x.json``) as given.
+
+    Called before a benchmark starts so that a bad path fails in its first
+    second, not after an hour of measuring."""
+    path = Path(name).expanduser()
+    if path.parent == Path("."):
+        path = RESULTS / path
+    if path.suffix != ".json":
+        raise SystemExit(f"--out {name}: give a .json file name (e.g. throughput_mine.json)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {name}: cannot create folder {path.parent} ({e.strerror}); "
+                         "give a writable path") from None
+    if not os.access(path.parent, os.W_OK):
+        raise SystemExit(f"--out {name}: folder {path.parent} is not writable; give a writable path")
+    return path
+
+
 def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    """Write atomically (a temporary file, then rename): an interrupted write
+    never leaves a half-written JSON in place of the last good one."""
+    path = results_path(name)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Shared layers: the tiny-map convolution path and BatchNorm's PyTorch semantics."""
+"""Shared layers: the tiny-map convolution path, max pooling and BatchNorm's PyTorch semantics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.layers import BatchNorm, Conv2d, Linear, _conv_by_patches, _conv_by_taps, gelu_exact
+from jaxtl.models.layers import BatchNorm, Conv2d, Linear, _conv_by_patches, _conv_by_taps, gelu_exact, max_pool
 
 
 @pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
@@ -97,6 +97,27 @@ def test_linear_matches_flax_dense_on_token_input():
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), rtol=1e-6, atol=1e-6)
     assert ours.apply(p, x).shape == (3, 5, 7)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("k,stride,padding,hw", [(3, 2, 1, (9, 8)), (2, 2, 0, (8, 6)), (3, 1, 1, (5, 7))])
+def test_max_pool_values_and_gradient_match_torch_with_ties_and_nan(k, stride, padding, hw):
+    """Ties (ReLU zeros, repeated values) send the whole gradient to the same
+    element PyTorch picks, not split; a NaN in a window wins, as in PyTorch."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(k * 10 + stride)
+    x = np.maximum(np.round(rng.standard_normal((2, *hw, 3)) * 2) / 2, 0).astype(np.float32)  # many ties
+    x[0, 1, 1, 0] = np.nan
+    upstream = rng.standard_normal(max_pool(jnp.asarray(x), k, stride, padding).shape).astype(np.float32)
+
+    y, vjp = jax.vjp(lambda v: max_pool(v, k, stride, padding), jnp.asarray(x))
+    (grad,) = vjp(jnp.asarray(upstream))
+
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, k, stride, padding)
+    yt.backward(torch.from_numpy(upstream.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(grad), xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def test_gelu_exact_matches_torch_formula():

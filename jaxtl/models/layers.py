@@ -232,8 +232,27 @@ def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None,
 
 
 def max_pool(x, kernel_size: int, stride: int, padding: int):
-    """``nn.MaxPool2d(k, s, p)``: pads with -inf."""
-    return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), ((padding, padding), (padding, padding)))
+    """``nn.MaxPool2d(k, s, p)`` on NHWC input: pads with -inf.
+
+    Computed as a running maximum over the k*k strided windows rather than
+    ``lax.reduce_window``: XLA's CPU backend differentiates reduce_window into
+    a select_and_scatter that is very slow (ResNet's 3x3/2 pool on a
+    32x64x64x64 batch: forward + backward 188 ms, as windows 43-47 ms, PyTorch
+    channels_last 26 ms). ``where(window > best)`` keeps the first maximum in
+    row-major tap order, so on ties the gradient goes to the same element as
+    PyTorch's (one element, not split); NaN propagates as in PyTorch.
+    """
+    n, h, w, c = x.shape
+    out_h = (h + 2 * padding - kernel_size) // stride + 1
+    out_w = (w + 2 * padding - kernel_size) // stride + 1
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    best = None
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            window = _tap_window(x, i, j, out_h, out_w, stride)
+            best = window if best is None else jnp.where((window > best) | jnp.isnan(window), window, best)
+    return best
 
 
 def global_avg_pool(x):
