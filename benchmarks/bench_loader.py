@@ -26,11 +26,9 @@ Prints a markdown table; writes benchmarks/results/loader.json (``--quick`` writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,12 +40,10 @@ from jaxtl.data.loader import Loader
 from jaxtl.data.sources import FileSource, load_dataset
 from jaxtl.registry import get_spec
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import log, write_json
+
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
 
-
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
 
 
 def load_photos() -> list[Image.Image]:
@@ -181,11 +177,7 @@ def main(argv=None) -> None:
                     "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "unix_time": time.time(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("loader_quick.json" if args.quick else "loader.json")
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    out = write_json("loader_quick.json" if args.quick else "loader.json", payload)
     log(f"wrote {out}")
 
 
