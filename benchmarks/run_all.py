@@ -23,6 +23,7 @@ SCRIPTS = {
     "loader": HERE / "bench_loader.py",
     "throughput": HERE / "bench_throughput.py",
     "end_to_end": HERE / "bench_end_to_end.py",
+    "malloc": HERE / "bench_malloc.py",
 }
 
 

@@ -40,11 +40,14 @@ def test_train_mode_updates_batch_stats_and_eval_does_not():
     model = jaxtl.create_model("resnet18", num_classes=3)
     variables = jaxtl.init_variables(model, jaxtl.get_spec("resnet18"))
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    # jitted: an eager apply compiles every primitive on its own (several seconds for a ResNet)
+    train_step = jax.jit(lambda v, x, frozen=(): model.apply(v, x, train=True, frozen=frozen, mutable=["batch_stats"]),
+                         static_argnames="frozen")
+    _, updates = train_step(variables, x)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updates["batch_stats"], variables["batch_stats"])
     assert all(jax.tree.leaves(changed))
     # A frozen group keeps its statistics even in train mode.
-    _, updates = model.apply(variables, x, train=True, frozen=("stem", "layer1"), mutable=["batch_stats"])
+    _, updates = train_step(variables, x, frozen=("stem", "layer1"))
     for group in ("bn1", "layer1_0"):
         same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), updates["batch_stats"][group],
                             variables["batch_stats"][group])
@@ -57,9 +60,11 @@ def test_bfloat16_compute_keeps_float32_params():
     model = jaxtl.create_model("resnet18", num_classes=5, dtype="bfloat16")
     variables = jaxtl.init_variables(model, jaxtl.get_spec("resnet18"))
     assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype("float32")}
-    out = model.apply(variables, jnp.ones((1, 32, 32, 3)), train=False)
+    x = jnp.ones((1, 32, 32, 3))
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     assert out.dtype == jnp.float32 and out.shape == (1, 5)
-    f32 = jaxtl.create_model("resnet18", num_classes=5).apply(variables, jnp.ones((1, 32, 32, 3)), train=False)
+    f32_model = jaxtl.create_model("resnet18", num_classes=5)
+    f32 = jax.jit(lambda v, x: f32_model.apply(v, x, train=False))(variables, x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(f32), rtol=0.1, atol=0.1)
 
 
@@ -67,5 +72,5 @@ def test_features_only_returns_pooled_features():
     model = jaxtl.create_model("resnet50", num_classes=4)
     spec = jaxtl.get_spec("resnet50")
     variables = jaxtl.init_variables(model, spec)
-    feats = model.apply(variables, jnp.ones((2, 64, 64, 3)), features_only=True)
+    feats = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(variables, jnp.ones((2, 64, 64, 3)))
     assert feats.shape == (2, spec.num_features)
