@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import log, machine, markdown_table, median, results_path, write_json
+from common import log, machine, markdown_table, median, out_name, results_path, write_json
 
 HEAP_ONLY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 THROUGHPUT = Path(__file__).resolve().parent / "bench_throughput.py"
@@ -63,6 +63,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.pairs, args.rounds, args.repeats = 1, 1, 1
+    args.out = out_name(args.out, "malloc.json", args.quick)
     results_path(args.out)
     runs: dict[bool, list[list[dict]]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,8 @@ import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
 import jax
 import jax.numpy as jnp
 
-from common import alternate, log, machine, markdown_table, median, peak_rss_mib, results_path, write_json
+from common import (alternate, log, machine, markdown_table, median, out_name, peak_rss_mib, results_path,
+                    write_json)
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_tiny_patch16_224")
 SIZES = (128, 224)
@@ -249,8 +250,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.rounds, args.repeats = 1, 1
-        if args.out == "throughput.json":
-            args.out = "throughput_quick.json"
+    args.out = out_name(args.out, "throughput.json", args.quick)
     results_path(args.out)  # a bad --out fails now, not after the measurements
     import torch
 

@@ -115,6 +115,12 @@ def results_path(name: str) -> Path:
     return path
 
 
+def out_name(given: str, default: str, quick: bool) -> str:
+    """``--out`` for a run: a ``--quick`` smoke run that kept the default name writes
+    ``<name>_quick.json``, so it never replaces the last full results."""
+    return default.replace(".json", "_quick.json") if quick and given == default else given
+
+
 def write_json(name: str, payload: dict) -> Path:
     """Write atomically (a temporary file, then rename): an interrupted write
     never leaves a half-written JSON in place of the last good one."""
