@@ -51,8 +51,11 @@ NUM_CLASSES = 10
 # --------------------------------------------------------------------------- jaxtl
 
 
-def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str):
-    """Returns (run-once callable, compile seconds, XLA memory bytes)."""
+def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compiled=None):
+    """Returns (run-once callable, compile seconds, XLA memory bytes).
+
+    ``on_compiled`` (optional) is called with the compiled executable
+    (profile_step.py reads its optimised HLO)."""
     from jaxtl.models import init_variables
     from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
     from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask
@@ -72,6 +75,8 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str):
         t0 = time.perf_counter()
         compiled = fwd.lower(variables, x).compile()
         compile_s = time.perf_counter() - t0
+        if on_compiled is not None:
+            on_compiled(compiled)
         return (lambda: compiled(variables, x).block_until_ready()), compile_s, _xla_bytes(compiled)
 
     strategy = Strategy("finetune", backbone_lr_mult=1.0) if mode == "finetune" else Strategy("feature_extract")
@@ -88,6 +93,8 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str):
     t0 = time.perf_counter()
     compiled = mapped.lower(holder["state"], batch_dict).compile()
     compile_s = time.perf_counter() - t0
+    if on_compiled is not None:
+        on_compiled(compiled)
 
     def run():
         holder["state"], metrics = compiled(holder["state"], batch_dict)

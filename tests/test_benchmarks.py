@@ -53,3 +53,43 @@ def test_throughput_smoke_run_writes_a_table_and_json(tmp_path):
     assert rec["images_per_s"]["jaxtl"] > 0 and rec["jaxtl_over_best"] > 0
     assert "| resnet18 | 32 | inference |" in payload["table"] and payload["table"] in r.stdout
     assert payload["machine"]["cpus"] >= 1
+
+
+def test_profile_step_names_layers_from_hlo_metadata(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import hlo_index, origin
+
+    assert origin("jit(train_step)/transpose(jvp(MobileNet))/stage2_0/expand_bn/reduce_sum") == ("expand_bn", "bwd")
+    assert origin("jit(train_step)/jvp(ResNet)/layer1_1/conv2/conv_general_dilated") == ("conv", "fwd")
+    assert origin("jit(train_step)/transpose(jvp(MobileNet))/stage1_0/dw_conv/while/body/closed_call/slice") \
+        == ("dw_conv", "bwd")
+    assert origin("") == ("(no metadata)", "")
+    hlo = ('  %ynn_fusion.14 = f32[1,144]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, '
+           'metadata={op_name="jit(train_step)/jvp(M)/bn/reduce_sum" stack_frame_id=3}\n'
+           '  %transpose_copy_fusion.2 = f32[512,4,4,32]{3,2,1,0} fusion(%x), kind=kLoop, calls=%d\n'
+           '  %copy.1 = f32[3,3,4,4]{3,2,1,0} copy(%y)\n'
+           '  %convolution.3 = f32[3,3,32,512]{3,2,1,0} convolution(%transpose_copy_fusion.2, %z), '
+           'metadata={op_name="jit(train_step)/transpose(jvp(ResNet))/layer4_1/conv2/conv_general_dilated"}\n')
+    index = hlo_index(hlo)
+    assert index["ynn_fusion.14"] == ("f32[1,144]{1,0}", "jit(train_step)/jvp(M)/bn/reduce_sum")
+    # XLA's own copies are charged to the operation that uses them; unused ones stay unnamed
+    assert index["transpose_copy_fusion.2"][1] == "for:" + index["convolution.3"][1]
+    assert origin(index["transpose_copy_fusion.2"][1]) == ("conv (operand copy)", "bwd")
+    assert index["copy.1"] == ("f32[3,3,4,4]{3,2,1,0}", "")
+
+
+def test_profile_step_smoke_run_writes_tables(tmp_path, monkeypatch, capsys):
+    # In this process (the script's own start-up would double the test's time).
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_step
+
+    out = tmp_path / "profile.json"
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--model", "resnet18", "--size", "32", "--mode",
+                                      "inference", "--steps", "1", "--top", "5", "--out", str(out)])
+    profile_step.main()
+    payload = json.loads(out.read_text())
+    assert payload["step_ms"] > 0 and payload["traced_ms_per_step"] > 0
+    assert 0 < len(payload["top"]) <= 5
+    # the traced operations were found in the HLO: they carry a shape and the Flax module they came from
+    assert any(t["shape"] and t["layer"] != "(no metadata)" for t in payload["top"])
+    assert payload["tables"]["layer"] in capsys.readouterr().out
