@@ -1,4 +1,4 @@
-"""Shared layers: the tiny-map convolution path, max pooling and BatchNorm's PyTorch semantics."""
+"""Shared layers: the tiny-map convolution path, max pooling, BatchNorm's PyTorch semantics and LayerNorm's backward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.layers import BatchNorm, Conv2d, Linear, _conv_by_patches, _conv_by_taps, gelu_exact, max_pool
+from jaxtl.models.layers import (BatchNorm, Conv2d, LayerNorm, Linear, _conv_by_patches, _conv_by_taps, gelu_exact,
+                                 max_pool)
 
 
 @pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
@@ -138,3 +139,42 @@ def test_batchnorm_updates_running_var_with_unbiased_variance():
     # ... and normalises with the biased variance, like torch.nn.BatchNorm2d in train mode
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,offset", [((3, 65, 192), 20.0), ((2, 5, 7, 96), 0.0)])
+def test_layer_norm_equals_flax_forward_exactly_and_its_backward_to_rounding(shape, offset):
+    """The hand-written backward against autodiff through flax.linen.LayerNorm,
+    on a residual-stream-like input (mean far from 0) and on NHWC maps."""
+    rng = np.random.default_rng(len(shape))
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + offset, jnp.float32)
+    width = shape[-1]
+    params = {"params": {"scale": jnp.asarray(rng.standard_normal(width), jnp.float32),
+                         "bias": jnp.asarray(rng.standard_normal(width), jnp.float32)}}
+    ours = LayerNorm(epsilon=1e-6)
+    flax_ln = nn.LayerNorm(epsilon=1e-6, param_dtype=jnp.float32, use_fast_variance=False)
+    assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == \
+        jax.tree.map(np.shape, flax_ln.init(jax.random.key(0), x))
+    np.testing.assert_array_equal(jax.jit(ours.apply)(params, x), jax.jit(flax_ln.apply)(params, x))
+
+    weights = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)) * weights)
+
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(params, x)
+    want = jax.jit(jax.grad(loss(flax_ln), argnums=(0, 1)))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max())
+
+
+def test_layer_norm_bfloat16_output_and_float32_statistics():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 64)) * 0.01 + 10.0, jnp.bfloat16)
+    ln = LayerNorm(epsilon=1e-6, dtype=jnp.bfloat16)
+    variables = ln.init(jax.random.key(0), x)
+    out = ln.apply(variables, x)
+    assert out.dtype == jnp.bfloat16 and variables["params"]["scale"].dtype == jnp.float32
+    x64 = np.asarray(x, np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    assert float(np.abs(np.asarray(out, np.float64) - ref).max()) < 0.05
+    grad = jax.grad(lambda x: jnp.sum(ln.apply(variables, x).astype(jnp.float32) ** 2))(x)
+    assert grad.dtype == jnp.bfloat16 and bool(jnp.isfinite(grad).all())

@@ -391,3 +391,53 @@ def test_layer_norm_variance_is_two_pass():
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
     assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.torch
+def test_gradients_match_timm():
+    """One cross-entropy backward pass against timm's autograd, every parameter.
+
+    jaxtl's LayerNorm has a hand-written backward (layers.layer_norm); PyTorch's
+    gradients, converted to Flax's tree with the weight converter itself, are the
+    reference. Randomised as in the parity tests (LayerNorm affine params, peaked
+    attention, small embedding stream)."""
+    import torch
+    from jaxtl.torch_ref import build_torch_model
+
+    name, source, size, batch = "vit_tiny_patch16_224", "timm", 64, 4
+    torch.manual_seed(3)
+    tmodel = build_torch_model(name, source, img_size=size)
+    randomize_norm_layers(tmodel, 3)
+    randomize_vit(tmodel, 3)
+    disable_dropout(tmodel)
+    variables = jaxtl.convert_state_dict(name, tmodel.state_dict(), source=source, img_size=size)
+    model = jaxtl.create_model(name, source=source, img_size=size)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, 1000, batch)
+
+    tmodel.train()
+    loss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())),
+                                             torch.from_numpy(labels))
+    loss.backward()
+    torch_grads = {k: p.grad.detach().clone() for k, p in tmodel.named_parameters()}
+    want = traverse_util.flatten_dict(
+        jaxtl.convert_state_dict(name, torch_grads, source=source, img_size=size)["params"], sep="/")
+
+    def jax_loss(params):
+        logits = model.apply({"params": params}, jnp.asarray(x), train=True)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1))
+
+    with jax.default_matmul_precision("highest"):
+        got = traverse_util.flatten_dict(jax.jit(jax.grad(jax_loss))(variables["params"]), sep="/")
+    assert got.keys() == want.keys()
+    # A bias on the keys adds q.b to every logit of a query's row, which softmax
+    # ignores: its true gradient is 0 and both sides hold float32 noise (~1e-9).
+    zero = [k for k in want if k.endswith("attn/key/bias")]
+    scale = max(float(np.abs(v).max()) for v in want.values())
+    assert max(float(np.abs(side[k]).max()) for k in zero for side in (got, want)) < 1e-5 * scale
+    errs = {k: rel_err(got[k], want[k]) for k in want if k not in zero}
+    worst = max(errs, key=errs.get)
+    print(f"worst gradient leaf {worst}: {errs[worst]:.2e}")
+    assert errs[worst] <= TOLERANCE, f"gradient of {worst} differs: {errs[worst]:.2e}"
+    assert any(float(np.abs(want[k]).max()) > 0 for k in want if "norm" in k)

@@ -236,6 +236,67 @@ def dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None,
     return Linear(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
+def _layer_norm_forward(x, scale, bias, epsilon: float):
+    # Two-pass variance like PyTorch's layer_norm (E[x^2] - E[x]^2 loses digits
+    # on a residual stream whose mean is far from 0); the same operations, in the
+    # same order, as flax.linen.LayerNorm(use_fast_variance=False).
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
+    return centred * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+    """LayerNorm over the last axis of float32 ``x`` with a hand-written backward.
+
+    Why not autodiff: differentiating the two-pass statistics gives a chain of
+    reductions that XLA's CPU backend fuses across a ViT's residual stream
+    (block 0's LayerNorm-backward fusions took 171 parameters, re-computing the
+    later blocks'). The closed form (per row, with xhat = (x - mean) * rstd and
+    g = dy * scale: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))) is two
+    row reductions and one elementwise pass. Measured on 2 cores, ViT-Tiny
+    fine-tune step at 128 px, batch 32, same-process paired runs: 0.87-0.89x
+    the time of autodiff's, compile time 9 -> 5 s (at 224 px: the same time).
+    """
+    return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_bwd(epsilon, residuals, grad):
+    del epsilon  # already inside rstd
+    x, mean, rstd, scale = residuals
+    xhat = (x - mean) * rstd
+    leading = tuple(range(x.ndim - 1))
+    g = grad * scale
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    return dx, jnp.sum(grad * xhat, axis=leading), jnp.sum(grad, axis=leading)
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm(width, eps)`` over the last axis: the parameters (``scale``,
+    ``bias``), initialisers and float32 statistics of
+    ``flax.linen.LayerNorm(use_fast_variance=False)``, computed by
+    :func:`layer_norm` (a hand-written backward). The output is cast to
+    ``dtype``.
+
+    Differentiable in reverse mode (``jax.grad``/``jax.vjp``) only, like every
+    ``jax.custom_vjp`` function: ``jax.jvp`` through it raises.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+        return layer_norm(x.astype(jnp.float32), scale, bias, float(self.epsilon)).astype(self.dtype)
+
+
 def max_pool(x, kernel_size: int, stride: int, padding: int):
     """``nn.MaxPool2d(k, s, p)`` on NHWC input: pads with -inf.
 

@@ -30,7 +30,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import check_rates, conv, dense, gelu_exact
+from jaxtl.models.layers import LayerNorm, check_rates, conv, dense, gelu_exact
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -185,11 +185,10 @@ def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def _layer_norm(epsilon: float, dtype: Any, name: str) -> nn.LayerNorm:
-    # Two-pass variance like PyTorch (the fast E[x^2] - E[x]^2 loses digits on
-    # the residual stream, whose mean can be far from 0); statistics in float32.
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                        name=name)
+def _layer_norm(epsilon: float, dtype: Any, name: str) -> LayerNorm:
+    # PyTorch's two-pass statistics in float32, with a hand-written backward
+    # (layers.layer_norm; a ViT-Tiny fine-tune step takes 0.87-0.89x autodiff's time).
+    return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 class SelfAttention(nn.Module):
