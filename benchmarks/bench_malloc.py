@@ -4,7 +4,11 @@ glibc serves blocks over its mmap threshold (at most 32 MB) with fresh
 ``mmap``s and returns them on ``free``, so a program that allocates large
 buffers every step can pay page faults every step. ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=4294967296`` in the environment makes the heap keep and
-reuse them instead.
+reuse them instead (``--setting heap_only``). That does not reach XLA's step
+temporaries, which a worker thread allocates from a non-main arena that mmaps
+large blocks regardless; ``--setting hugetlb`` (``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1``) makes glibc ask for transparent huge pages for its
+mmaps instead, so those fault in 2 MB pages.
 
 glibc reads these variables once, at start, and a ``mallopt`` call at run time
 also switches off its dynamic threshold for good, so the two settings cannot be
@@ -17,6 +21,7 @@ within each process.
 
     python benchmarks/bench_malloc.py                          # mobilenet_v2 128 px, fine-tune and inference, 2 pairs
     python benchmarks/bench_malloc.py --models resnet18 --modes finetune --pairs 3
+    python benchmarks/bench_malloc.py --setting hugetlb --out malloc_hugetlb.json
 """
 
 from __future__ import annotations
@@ -32,19 +37,24 @@ from pathlib import Path
 from common import log, machine, markdown_table, median, out_name, results_path, write_json
 
 HEAP_ONLY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+# glibc madvises its mmaps for transparent huge pages (THP mode "madvise"): XLA's
+# per-step temporaries, which worker-thread arenas mmap whatever MALLOC_MMAP_MAX_
+# says, then fault in 2 MB pages instead of 4 KB ones.
+HUGETLB = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+SETTINGS = {"heap_only": HEAP_ONLY, "hugetlb": HUGETLB}
 THROUGHPUT = Path(__file__).resolve().parent / "bench_throughput.py"
 
 
-def run_child(args, heap_only: bool, out: Path) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in HEAP_ONLY}
-    if heap_only:
-        env.update(HEAP_ONLY)
+def run_child(args, with_setting: bool, out: Path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not any(k in setting for setting in SETTINGS.values())}
+    if with_setting:
+        env.update(SETTINGS[args.setting])
     cmd = [sys.executable, str(THROUGHPUT), "--models", args.models, "--sizes", args.sizes, "--modes", args.modes,
            "--batch", str(args.batch), "--rounds", str(args.rounds), "--repeats", str(args.repeats), "--out", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"bench_throughput.py failed ({'heap only' if heap_only else 'glibc default'}): {tail}")
+        raise SystemExit(f"bench_throughput.py failed ({args.setting if with_setting else 'glibc default'}): {tail}")
     return json.loads(out.read_text())["results"]
 
 
@@ -56,6 +66,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="heap_only",
+                   help="heap_only: MALLOC_MMAP_MAX_=0 + a 4 GB trim threshold; hugetlb: GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     p.add_argument("--pairs", type=int, default=2, help="child processes per setting, the settings alternating")
     p.add_argument("--quick", action="store_true", help="one pair, one round of one repeat (a smoke run)")
     p.add_argument("--out", default="malloc.json",
@@ -68,25 +80,26 @@ def main() -> None:
     runs: dict[bool, list[list[dict]]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.pairs):
-            for heap_only in ((False, True) if i % 2 == 0 else (True, False)):
-                log(f"pair {i + 1}/{args.pairs}: {'heap only' if heap_only else 'glibc default'} ...")
-                runs[heap_only].append(run_child(args, heap_only, Path(tmp) / f"{i}_{int(heap_only)}.json"))
+            for with_setting in ((False, True) if i % 2 == 0 else (True, False)):
+                log(f"pair {i + 1}/{args.pairs}: {args.setting if with_setting else 'glibc default'} ...")
+                runs[with_setting].append(run_child(args, with_setting, Path(tmp) / f"{i}_{int(with_setting)}.json"))
     rows, results = [], []
     for j, rec in enumerate(runs[False][0]):
         key = {k: rec[k] for k in ("model", "size", "mode")}
         side = {}
-        for heap_only, label in ((False, "default"), (True, "heap_only")):
-            recs = [run[j] for run in runs[heap_only]]
+        for with_setting, label in ((False, "default"), (True, "setting")):
+            recs = [run[j] for run in runs[with_setting]]
             best = [max(v for k, v in r["images_per_s"].items() if k.startswith("torch_best")) for r in recs]
             side[label] = {"jaxtl": median([r["images_per_s"]["jaxtl"] for r in recs]), "torch_best": median(best),
                            "jaxtl_over_best": median([r["jaxtl_over_best"] for r in recs])}
         results.append({**key, **side})
-        rows.append([key["model"], key["size"], key["mode"], side["default"]["jaxtl"], side["heap_only"]["jaxtl"],
-                     side["default"]["torch_best"], side["heap_only"]["torch_best"],
-                     side["default"]["jaxtl_over_best"], side["heap_only"]["jaxtl_over_best"]])
-    table = markdown_table(["model", "px", "job", "jaxtl default", "jaxtl heap only", "PyTorch best default",
-                            "PyTorch best heap only", "jaxtl/best default", "jaxtl/best heap only"], rows)
-    path = write_json(args.out, {"machine": machine(), "args": vars(args), "heap_only_env": HEAP_ONLY,
+        rows.append([key["model"], key["size"], key["mode"], side["default"]["jaxtl"], side["setting"]["jaxtl"],
+                     side["default"]["torch_best"], side["setting"]["torch_best"],
+                     side["default"]["jaxtl_over_best"], side["setting"]["jaxtl_over_best"]])
+    name = args.setting.replace("_", " ")
+    table = markdown_table(["model", "px", "job", "jaxtl default", f"jaxtl {name}", "PyTorch best default",
+                            f"PyTorch best {name}", "jaxtl/best default", f"jaxtl/best {name}"], rows)
+    path = write_json(args.out, {"machine": machine(), "args": vars(args), "setting_env": SETTINGS[args.setting],
                                  "results": results, "table": table})
     print(table)
     print(f"\nimages/s are medians over {args.pairs} process(es) per setting; JSON: {path}")
