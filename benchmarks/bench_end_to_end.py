@@ -129,7 +129,7 @@ print(json.dumps({"wall_in_process_s": time.perf_counter() - t_start, "val_top1"
 def run_torch(data: str, epochs: int, mode: str) -> dict:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", TORCH_LOOP, data, str(epochs), mode, str(ROOT)], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "JAXTL_NO_XLA_FLAGS": "1"})
+                       text=True, cwd=ROOT, env={**os.environ, "JAXTL_NO_XLA_FLAGS": "1", "JAXTL_NO_MALLOC_TUNING": "1"})
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])

@@ -1,5 +1,12 @@
 """How much glibc's handling of large blocks costs jaxtl and PyTorch.
 
+``import jaxtl`` now keeps XLA's step memory itself (jaxtl/_host_memory.py:
+synchronous CPU dispatch plus ``mallopt``, process-wide, so PyTorch in the same
+process runs under it too); ``--setting untuned`` (``JAXTL_NO_MALLOC_TUNING=1``)
+measures both sides with glibc's defaults instead. The other settings, below,
+were measured before that change; setting any glibc malloc variable makes jaxtl
+leave malloc and dispatch alone.
+
 glibc serves blocks over its mmap threshold (at most 32 MB) with fresh
 ``mmap``s and returns them on ``free``, so a program that allocates large
 buffers every step can pay page faults every step. ``MALLOC_MMAP_MAX_=0
@@ -19,9 +26,11 @@ without the variables, alternating the settings; separate processes differ by
 each side's images/s and of the jaxtl / PyTorch-best ratio, which is measured
 within each process.
 
-    python benchmarks/bench_malloc.py                          # mobilenet_v2 128 px, fine-tune and inference, 2 pairs
+    python benchmarks/bench_malloc.py                          # untuned; mobilenet_v2 128 px, fine-tune and inference, 2 pairs
     python benchmarks/bench_malloc.py --models resnet18 --modes finetune --pairs 3
     python benchmarks/bench_malloc.py --setting hugetlb --out malloc_hugetlb.json
+    python benchmarks/bench_malloc.py --setting untuned --models resnet18,mobilenet_v2,vit_tiny_patch16_224 \
+        --modes finetune,inference --out malloc_untuned.json
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ HEAP_ONLY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 # per-step temporaries, which worker-thread arenas mmap whatever MALLOC_MMAP_MAX_
 # says, then fault in 2 MB pages instead of 4 KB ones.
 HUGETLB = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-SETTINGS = {"heap_only": HEAP_ONLY, "hugetlb": HUGETLB}
+UNTUNED = {"JAXTL_NO_MALLOC_TUNING": "1"}
+SETTINGS = {"heap_only": HEAP_ONLY, "hugetlb": HUGETLB, "untuned": UNTUNED}
 THROUGHPUT = Path(__file__).resolve().parent / "bench_throughput.py"
 
 
@@ -54,7 +64,7 @@ def run_child(args, with_setting: bool, out: Path) -> list[dict]:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise SystemExit(f"bench_throughput.py failed ({args.setting if with_setting else 'glibc default'}): {tail}")
+        raise SystemExit(f"bench_throughput.py failed ({args.setting if with_setting else 'default'}): {tail}")
     return json.loads(out.read_text())["results"]
 
 
@@ -66,8 +76,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="heap_only",
-                   help="heap_only: MALLOC_MMAP_MAX_=0 + a 4 GB trim threshold; hugetlb: GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="untuned",
+                   help="heap_only: MALLOC_MMAP_MAX_=0 + a 4 GB trim threshold; hugetlb: GLIBC_TUNABLES=glibc.malloc.hugetlb=1; "
+                        "untuned: JAXTL_NO_MALLOC_TUNING=1 (glibc defaults and async dispatch for both sides)")
     p.add_argument("--pairs", type=int, default=2, help="child processes per setting, the settings alternating")
     p.add_argument("--quick", action="store_true", help="one pair, one round of one repeat (a smoke run)")
     p.add_argument("--out", default="malloc.json",
@@ -81,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.pairs):
             for with_setting in ((False, True) if i % 2 == 0 else (True, False)):
-                log(f"pair {i + 1}/{args.pairs}: {args.setting if with_setting else 'glibc default'} ...")
+                log(f"pair {i + 1}/{args.pairs}: {args.setting if with_setting else 'default'} ...")
                 runs[with_setting].append(run_child(args, with_setting, Path(tmp) / f"{i}_{int(with_setting)}.json"))
     rows, results = [], []
     for j, rec in enumerate(runs[False][0]):

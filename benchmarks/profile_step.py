@@ -42,7 +42,7 @@ import jax
 from jaxtl.errors import UnknownModelError
 
 from bench_throughput import MODES, jaxtl_job
-from common import log, machine, markdown_table, median, out_name, results_path, write_json
+from common import log, machine, markdown_table, median, results_path, write_json
 
 # `%name = shape opcode(...)`, and the op_name JAX put in the metadata when there is one.
 HLO_LINE = re.compile(r"\s*%(\S+) = (\S+) ([\w-]+)\(")
@@ -118,6 +118,12 @@ def trace_events(trace_dir: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def default_out(model: str, size: int, mode: str) -> str:
+    """profile_vit_tiny_128.json for vit_tiny_patch16_224 at 128 px (fine-tuning)."""
+    short = re.sub(r"_patch\d+_\d+$", "", model)
+    return f"profile_{short}_{size}" + ("" if mode == "finetune" else f"_{mode}") + ".json"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mobilenet_v2")
@@ -126,8 +132,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="steps traced (and 3x as many timed)")
     p.add_argument("--top", type=int, default=25, help="how many of the longest operations to list")
-    p.add_argument("--out", default="profile.json",
-                   help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
+    p.add_argument("--out", default=None,
+                   help="JSON file: a bare name goes into benchmarks/results/, a path is used as given "
+                        "(default: profile_<model>_<size>[_<mode>].json, so profiles of different models "
+                        "do not overwrite each other)")
     args = p.parse_args()
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -135,7 +143,8 @@ def main() -> None:
         jaxtl.get_spec(args.model)
     except UnknownModelError as e:
         p.error(f"--model: {e}")
-    args.out = out_name(args.out, "profile.json", False)
+    if args.out is None:
+        args.out = default_out(args.model, args.size, args.mode)
     results_path(args.out)  # a bad --out fails now, not after the measurements
 
     log(f"{args.model} {args.size}px {args.mode}, batch {args.batch}: compiling ...")

@@ -16,6 +16,11 @@ from jaxtl._xla_flags import apply_default_flags as _apply_default_flags
 
 _apply_default_flags()
 
+# Also before JAX's CPU backend exists: see jaxtl/_host_memory.py for why.
+from jaxtl._host_memory import keep_step_memory as _keep_step_memory  # noqa: E402
+
+_STEP_MEMORY_KEPT = _keep_step_memory()  # read by benchmarks/common.py:machine()
+
 from jaxtl.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

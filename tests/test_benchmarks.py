@@ -78,6 +78,14 @@ def test_profile_step_names_layers_from_hlo_metadata(monkeypatch):
     assert index["copy.1"] == ("f32[3,3,4,4]{3,2,1,0}", "")
 
 
+def test_profile_step_default_out_names_model_size_and_mode(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from profile_step import default_out
+
+    assert default_out("vit_tiny_patch16_224", 128, "finetune") == "profile_vit_tiny_128.json"
+    assert default_out("resnet18", 224, "inference") == "profile_resnet18_224_inference.json"
+
+
 def test_profile_step_smoke_run_writes_tables(tmp_path, monkeypatch, capsys):
     # In this process (the script's own start-up would double the test's time).
     monkeypatch.syspath_prepend(str(BENCH))
