@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from jaxtl import _host_memory
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
 
 # A jitted step whose temporaries (128 MiB: cumsum's intermediate) are far over
@@ -29,19 +31,24 @@ faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
 print(json.dumps({"faults_per_call": faults, "async": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
                   "same": values == [expected] * 4}))
 """
-SCRUB = ("JAXTL_NO_MALLOC_TUNING", "JAX_CPU_ENABLE_ASYNC_DISPATCH", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_",
-         "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
+# Every variable that makes jaxtl leave the settings alone: the children start without them.
+SCRUB = (_host_memory.OPT_OUT, "JAX_CPU_ENABLE_ASYNC_DISPATCH", "GLIBC_TUNABLES", *_host_memory.USER_MALLOC_VARIABLES)
+
+
+def run_python(code: str, **env_extra: str) -> str:
+    """stdout of ``code`` in a fresh interpreter whose environment lacks SCRUB (plus env_extra)."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
+    env.update(env_extra)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
 
 
 def run_child(**env_extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    env.update(env_extra)
-    r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(run_python(CHILD, **env_extra).strip().splitlines()[-1])
 
 
-def test_import_stops_per_step_page_faults():
+def test_import_cuts_per_step_page_faults():
     tuned = run_child()
     untuned = run_child(JAXTL_NO_MALLOC_TUNING="1")
     assert tuned["async"] is False and untuned["async"] is True
@@ -87,11 +94,8 @@ def test_python_threads_run_during_a_synchronous_step():
     A thread spinning in Python advances during the steps at a good fraction of its pace
     during a sleep of the same length; with the GIL held it would advance only between steps.
     """
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    r = subprocess.run([sys.executable, "-c", GIL_CHILD], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
     # measured: ~0.5 on 2 busy cores; a call that holds the GIL (ctypes.PyDLL usleep) gives ~0.03
-    assert float(r.stdout.split()[-1]) > 0.15
+    assert float(run_python(GIL_CHILD).split()[-1]) > 0.15
 
 
 def test_user_malloc_or_dispatch_settings_are_respected():
@@ -104,7 +108,4 @@ def test_late_import_changes_nothing():
     code = ("import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready()\n"
             "import jaxtl._host_memory as hm\n"
             "print(hm.keep_step_memory(), jax.config.read('jax_cpu_enable_async_dispatch'))")
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["False", "True"]
+    assert run_python(code).split() == ["False", "True"]
