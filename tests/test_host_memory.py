@@ -25,11 +25,13 @@ import jaxtl, jax, jax.numpy as jnp
 step = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0)[::64].sum())
 x = jnp.ones((4096, 4096), jnp.float32)
 expected = float(step(x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-values = [float(step(x)) for _ in range(4)]
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
-print(json.dumps({"faults_per_call": faults, "async": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
-                  "same": values == [expected] * 4}))
+faults, values = [], []
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    values.append(float(step(x)))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "async": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+                  "same": values == [expected] * 7}))
 """
 # Every variable that makes jaxtl leave the settings alone: the children start without them.
 SCRUB = (_host_memory.OPT_OUT, "JAX_CPU_ENABLE_ASYNC_DISPATCH", "GLIBC_TUNABLES", *_host_memory.USER_MALLOC_VARIABLES)
@@ -54,12 +56,12 @@ def test_import_cuts_per_step_page_faults():
     assert tuned["async"] is False and untuned["async"] is True
     assert tuned["same"] and untuned["same"]
     # 128 MiB of fresh pages is ~32,800 faults per call; a reused heap block needs none.
-    # Measured in 8 fresh processes: 0 in 3 of them, but 8,192 (32 MiB) or 16,384 in the
-    # others: some processes still allocate part of the temporaries afresh (not yet
-    # explained; real train steps measured 0-1,100 faults). Without the settings every
-    # process faults all of it, so the bound below still tells the two apart.
+    # The median call: in some processes one call (not always the first) grows the heap
+    # once (strace: a single brk, no mmap) and faults 32,768 pages, and every later call
+    # reuses it (measured per call: [1, 1, 2, 1, 1, 32767, 0, 0]). Untuned, every call
+    # mmaps and faults the whole block afresh.
     assert untuned["faults_per_call"] > 25_000, untuned
-    assert tuned["faults_per_call"] < 0.75 * untuned["faults_per_call"], (tuned, untuned)
+    assert tuned["faults_per_call"] < 100, (tuned, untuned)
 
 
 GIL_CHILD = r"""
