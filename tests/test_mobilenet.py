@@ -10,6 +10,7 @@ from flax import traverse_util
 
 import jaxtl
 from jaxtl.models import abstract_variables, create_model
+from jaxtl.models import layers
 from jaxtl.models.layers import DEPTHWISE_ENV, DepthwiseConv, depthwise_conv, depthwise_impl
 from parity import check_parity, randomize_biases, rel_err
 
@@ -141,6 +142,32 @@ def test_depthwise_shift_add_equals_grouped(kernel, stride, dilation):
     assert rel_err(out, ref) <= 1e-5
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("images_per_slice", [1, 2, 3, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_kernel_grad_in_batch_slices(monkeypatch, images_per_slice, stride):
+    """The kernel gradient summed over slices of the batch (a loop over slices,
+    plus a shorter last slice when the batch does not divide) equals the grouped conv's."""
+    n, h, w, c = 5, 13, 11, 24
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    per_image = ((h + 2) * (w + 2) + out_h * out_w) * c * 4
+    monkeypatch.setattr(layers, "KERNEL_GRAD_SLICE_BYTES", images_per_slice * per_image)
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, c)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((n, out_h, out_w, c)), jnp.float32)
+
+    def kernel_grad(impl):
+        return jax.jit(jax.grad(lambda k: jnp.sum(depthwise_conv(x, k, stride, 1, 1, impl) * cot)))(k)
+
+    with jax.default_matmul_precision("highest"):
+        ref = kernel_grad("grouped")
+    jaxpr = str(jax.make_jaxpr(lambda k: layers._depthwise_kernel_grad(x, cot, k.shape, stride, 1, 1))(k))
+    slices, rest = divmod(n, images_per_slice)
+    # taps loops: one per whole slice (in a loop over slices when there are several), one for the rest
+    assert jaxpr.count("scan") == (2 if slices > 1 else 1) + (1 if rest else 0)
+    assert rel_err(kernel_grad("shift_add"), ref) <= 1e-5
 
 
 def test_depthwise_matches_torch_conv():
