@@ -32,11 +32,21 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def alternate(candidates: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict[str, list[float]]:
-    """Run each candidate ``repeats`` times per round, rounds interleaved."""
+def alternate(candidates: dict[str, Callable[[], object]], rounds: int, repeats: int,
+              settle: int = 1) -> dict[str, list[float]]:
+    """Run each candidate ``repeats`` times per round, rounds interleaved.
+
+    Each turn starts with ``settle`` untimed calls: the first step after the
+    other side ran pays for the heap that side left behind (measured: a jaxtl
+    MobileNetV2 step at 224 px right after PyTorch steps 3.8 s and 330,000 page
+    faults, the next ones 1.2-1.3 s and ~0), which a user running one framework
+    never sees, and which put up to a third of the timed calls into a tail.
+    """
     times: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
+            for _ in range(settle):
+                fn()
             times[name] += timed(fn, repeats)
     return times
 

@@ -17,6 +17,20 @@ def _bench(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, cwd=BENCH.parent)
 
 
+def test_alternate_settles_each_turn_before_timing(monkeypatch):
+    """Each candidate's turn starts with an untimed call; only the calls after it are timed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import alternate
+
+    calls = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, repeats=3)
+    assert calls == (["a"] * 4 + ["b"] * 4) * 2    # 1 untimed + 3 timed per turn
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}
+    calls.clear()
+    alternate({"a": lambda: calls.append("a")}, rounds=1, repeats=2, settle=0)
+    assert calls == ["a", "a"]
+
+
 def test_results_path_puts_bare_names_in_results_and_keeps_paths(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     from common import RESULTS, results_path
