@@ -45,6 +45,7 @@ M_MMAP_MAX = -4
 # -1 disables trimming (mallopt(3)): a positive int tops out at 2 GiB, and a ResNet-50
 # fine-tune step at 224 px (2.9 GiB of temporaries) was returned and faulted in every step.
 NO_TRIM = -1
+GLIBC_DEFAULT_MMAP_MAX = 65536  # glibc's DEFAULT_MMAP_MAX (malloc.c)
 USER_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
@@ -78,7 +79,10 @@ def keep_step_memory() -> bool:
     if libc is None:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)):
+    if not libc.mallopt(M_MMAP_MAX, 0):
+        return False
+    if not libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM):
+        libc.mallopt(M_MMAP_MAX, GLIBC_DEFAULT_MMAP_MAX)  # undo the half that applied
         return False
     import jax
 

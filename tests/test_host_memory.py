@@ -111,3 +111,28 @@ def test_late_import_changes_nothing():
             "import jaxtl._host_memory as hm\n"
             "print(hm.keep_step_memory(), jax.config.read('jax_cpu_enable_async_dispatch'))")
     assert run_python(code).split() == ["False", "True"]
+
+
+class _RefusingLibc:
+    """A C library whose mallopt accepts M_MMAP_MAX but refuses M_TRIM_THRESHOLD."""
+
+    def __init__(self):
+        self.calls = []
+
+        def mallopt(param, value):  # a plain function: keep_step_memory sets .argtypes on it
+            self.calls.append((param, value))
+            return 0 if param == _host_memory.M_TRIM_THRESHOLD else 1
+
+        self.mallopt = mallopt
+
+
+def test_half_applied_malloc_settings_are_undone(monkeypatch):
+    """If glibc takes the first setting and refuses the second, the first is put back and nothing else changes."""
+    for name in SCRUB:
+        monkeypatch.delenv(name, raising=False)
+    libc = _RefusingLibc()
+    monkeypatch.setattr(_host_memory, "_glibc", lambda: libc)
+    monkeypatch.setattr(_host_memory, "backend_already_started", lambda: False)
+    assert _host_memory.keep_step_memory() is False
+    assert libc.calls == [(_host_memory.M_MMAP_MAX, 0), (_host_memory.M_TRIM_THRESHOLD, _host_memory.NO_TRIM),
+                          (_host_memory.M_MMAP_MAX, _host_memory.GLIBC_DEFAULT_MMAP_MAX)]
