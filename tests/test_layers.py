@@ -101,7 +101,9 @@ def test_linear_matches_flax_dense_on_token_input():
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("k,stride,padding,hw", [(3, 2, 1, (9, 8)), (2, 2, 0, (8, 6)), (3, 1, 1, (5, 7))])
+# (12, 1, 0): more taps than an int8 index holds, so the winner is kept as int32.
+@pytest.mark.parametrize("k,stride,padding,hw", [(3, 2, 1, (9, 8)), (2, 2, 0, (8, 6)), (3, 1, 1, (5, 7)),
+                                                 (12, 1, 0, (13, 14))])
 def test_max_pool_values_and_gradient_match_torch_with_ties_and_nan(k, stride, padding, hw):
     """Ties (ReLU zeros, repeated values) send the whole gradient to the same
     element PyTorch picks, not split; a NaN in a window wins, as in PyTorch."""
@@ -109,16 +111,70 @@ def test_max_pool_values_and_gradient_match_torch_with_ties_and_nan(k, stride, p
     rng = np.random.default_rng(k * 10 + stride)
     x = np.maximum(np.round(rng.standard_normal((2, *hw, 3)) * 2) / 2, 0).astype(np.float32)  # many ties
     x[0, 1, 1, 0] = np.nan
-    upstream = rng.standard_normal(max_pool(jnp.asarray(x), k, stride, padding).shape).astype(np.float32)
+    out_shape = jax.eval_shape(lambda v: max_pool(v, k, stride, padding), jnp.asarray(x)).shape
+    upstream = rng.standard_normal(out_shape).astype(np.float32)
 
-    y, vjp = jax.vjp(lambda v: max_pool(v, k, stride, padding), jnp.asarray(x))
-    (grad,) = vjp(jnp.asarray(upstream))
+    def value_and_vjp(v, u):
+        y, vjp = jax.vjp(lambda v: max_pool(v, k, stride, padding), v)
+        return y, vjp(u)[0]
+
+    y, grad = jax.jit(value_and_vjp)(jnp.asarray(x), jnp.asarray(upstream))
 
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
     yt = torch.nn.functional.max_pool2d(xt, k, stride, padding)
     yt.backward(torch.from_numpy(upstream.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(grad), xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+def test_max_pool_gradient_behind_relu_matches_the_autodiff_running_maximum():
+    """The hand-written backward against plain autodiff through the same
+    running maximum (the previous implementation), jitted, on a ResNet stem's
+    3x3/2 pool behind a ReLU (zeros: ties), odd and even sizes."""
+    def autodiff_pool(x, k, stride, padding):
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+        out_h, out_w = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+        best = None
+        for i in range(k):
+            for j in range(k):
+                window = x[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+                best = window if best is None else jnp.where((window > best) | jnp.isnan(window), window, best)
+        return best
+
+    for hw in [(16, 16), (15, 17)]:
+        x = jax.random.normal(jax.random.key(hw[1]), (2, *hw, 5))
+        up = jax.random.normal(jax.random.key(1), max_pool(x, 3, 2, 1).shape)
+        ours = jax.jit(jax.grad(lambda v: jnp.sum(max_pool(jax.nn.relu(v), 3, 2, 1) * up)))(x)
+        ref = jax.jit(jax.grad(lambda v: jnp.sum(autodiff_pool(jax.nn.relu(v), 3, 2, 1) * up)))(x)
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+        assert np.count_nonzero(np.asarray(ours)) > 0
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_materialized_conv_input_changes_no_value_or_gradient(stride):
+    """``materialize_input`` only moves where XLA puts a buffer: outputs and both
+    gradients are bit-identical, also with a NaN in the kernel (the cond's
+    predicate is true for NaN), and the cond survives XLA's optimisation (a
+    jaxlib that inlines it would silently lose the speed-up)."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
+    up = jax.random.normal(jax.random.key(1), (2, (9 - 1) // stride + 1, (8 - 1) // stride + 1, 4))
+    plain, kept = Conv2d(4, 3, stride, 1), Conv2d(4, 3, stride, 1, materialize_input=True)
+    params = plain.init(jax.random.key(2), x)
+
+    def loss(module, p, v):
+        return jnp.sum(module.apply(p, jax.nn.relu(v * 2 + 1)) * up)
+
+    for kernel_nan in (False, True):
+        p = params
+        if kernel_nan:
+            p = {"params": {"kernel": params["params"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)}}
+        ref = jax.jit(jax.value_and_grad(lambda p, v: loss(plain, p, v), argnums=(0, 1)))(p, x)
+        got_fn = jax.jit(jax.value_and_grad(lambda p, v: loss(kept, p, v), argnums=(0, 1)))
+        got = got_fn(p, x)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isnan(float(got[0]))
+    assert " conditional(" in got_fn.lower(params, x).compile().as_text()
 
 
 def test_gelu_exact_matches_torch_formula():

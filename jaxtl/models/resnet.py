@@ -36,9 +36,10 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool):
         residual = x
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+        # materialize_input: see layers._materialized (fine-tune steps ~5 % faster).
+        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1", materialize_input=True)(x)
         y = nn.relu(self.norm(name="bn1")(y, use_running_average))
-        y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2")(y)
+        y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2", materialize_input=True)(y)
         y = self.norm(name="bn2")(y, use_running_average)
         if self.downsample:
             residual = conv(self.features, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
@@ -59,7 +60,7 @@ class Bottleneck(nn.Module):
         residual = x
         y = conv(self.features, 1, 1, dtype=self.dtype, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y, use_running_average))
-        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(y)  # v1.5
+        y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2", materialize_input=True)(y)  # v1.5
         y = nn.relu(self.norm(name="bn2")(y, use_running_average))
         y = conv(self.features * 4, 1, 1, dtype=self.dtype, name="conv3")(y)
         y = self.norm(name="bn3")(y, use_running_average)

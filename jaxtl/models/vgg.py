@@ -136,7 +136,9 @@ class VGG(nn.Module):
         for b, block in enumerate(feature_layout(self.depths, self.batch_norm)):
             group = f"block{b + 1}"
             for conv_index, bn_index in block:
-                x = conv(BLOCK_WIDTHS[b], 3, 1, 1, use_bias=True, dtype=self.dtype, name=f"features_{conv_index}")(x)
+                # Not the first: its input is the image batch (see layers._materialized).
+                x = conv(BLOCK_WIDTHS[b], 3, 1, 1, use_bias=True, dtype=self.dtype, name=f"features_{conv_index}",
+                         materialize_input=conv_index > 0)(x)
                 if bn_index is not None:
                     x = norm(name=f"features_{bn_index}")(x, running_stats_for(train, group, frozen))
                 x = nn.relu(x)
