@@ -154,8 +154,9 @@ def test_max_pool_gradient_behind_relu_matches_the_autodiff_running_maximum():
 def test_materialized_conv_input_changes_no_value_or_gradient(stride):
     """``materialize_input`` only moves where XLA puts a buffer: outputs and both
     gradients are bit-identical, also with a NaN in the kernel (the cond's
-    predicate is true for NaN), and the cond survives XLA's optimisation (a
-    jaxlib that inlines it would silently lose the speed-up)."""
+    predicate is true for NaN), the cond survives XLA's optimisation (a
+    jaxlib that inlines it would silently lose the speed-up), and only a CPU
+    step has it."""
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
     up = jax.random.normal(jax.random.key(1), (2, (9 - 1) // stride + 1, (8 - 1) // stride + 1, 4))
     plain, kept = Conv2d(4, 3, stride, 1), Conv2d(4, 3, stride, 1, materialize_input=True)
@@ -175,6 +176,10 @@ def test_materialized_conv_input_changes_no_value_or_gradient(stride):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isnan(float(got[0]))
     assert " conditional(" in got_fn.lower(params, x).compile().as_text()
+    # CPU only: lowered for a GPU or TPU the step carries fewer conditionals.
+    cases = {platform: jax.export.export(got_fn, platforms=[platform])(params, x).mlir_module().count("stablehlo.case")
+             for platform in ("cpu", "cuda", "tpu")}
+    assert cases["cuda"] < cases["cpu"] and cases["tpu"] < cases["cpu"], cases
 
 
 def test_gelu_exact_matches_torch_formula():

@@ -122,9 +122,17 @@ def _materialized(x, kernel):
     px), ResNet-50 0.97 (Bottleneck's 3x3 only), VGG-11-BN 0.98, but DenseNet-121
     1.03 (its 3x3 input is one BatchNorm + ReLU, cheap to recompute) and
     MobileNetV2's stem, on the image batch, 1.02; inference unchanged.
+
+    CPU only (``lax.platform_dependent``, resolved when the step is compiled):
+    GPU and TPU convolutions have no such transposes, and a conditional there
+    may wait for its predicate on the host.
     """
     k = kernel.reshape(-1)[0]
-    return lax.cond((k == k) | (k != k), lambda v: v, jnp.zeros_like, x)
+
+    def on_cpu(v):
+        return lax.cond((k == k) | (k != k), lambda u: u, jnp.zeros_like, v)
+
+    return lax.platform_dependent(x, cpu=on_cpu, default=lambda v: v)
 
 
 def _conv_by_taps(x, kernel, stride: int, padding: int, dilation: int):
