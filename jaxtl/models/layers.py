@@ -354,7 +354,7 @@ def max_pool(x, kernel_size: int, stride: int, padding: int):
     fine-tune step 41 -> 13 ms, the step 0.97-0.98x). Like ``layer_norm``,
     ``jax.jvp`` through it raises.
     """
-    return _max_pool(x, kernel_size, stride, padding)
+    return _max_pool(x, kernel_size, stride, padding, x.shape[1:3])
 
 
 def _max_pool_forward(x, kernel_size: int, stride: int, padding: int):
@@ -377,21 +377,19 @@ def _max_pool_forward(x, kernel_size: int, stride: int, padding: int):
     return best, winner
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, kernel_size: int, stride: int, padding: int):
+# ``in_hw``, the input's spatial size, is passed for the backward: it cannot be
+# recovered from the output's when the stride does not divide it.
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, kernel_size: int, stride: int, padding: int, in_hw: tuple[int, int]):
     return _max_pool_forward(x, kernel_size, stride, padding)[0]
 
 
-def _max_pool_fwd(x, kernel_size, stride, padding):
-    best, winner = _max_pool_forward(x, kernel_size, stride, padding)
-    # A zero-size array carries the input's spatial size (not recoverable from
-    # the output's when the stride does not divide it) as a residual.
-    return best, (winner, jnp.zeros((0, x.shape[1], x.shape[2]), x.dtype))
+def _max_pool_fwd(x, kernel_size, stride, padding, in_hw):
+    return _max_pool_forward(x, kernel_size, stride, padding)  # (output, residual: the winning taps)
 
 
-def _max_pool_bwd(kernel_size, stride, padding, residuals, grad):
-    winner, shape_of_x = residuals
-    h, w = shape_of_x.shape[1:]
+def _max_pool_bwd(kernel_size, stride, padding, in_hw, winner, grad):
+    h, w = in_hw
     out_h, out_w = grad.shape[1:3]
     span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
     zero = jnp.zeros((), grad.dtype)
