@@ -202,6 +202,47 @@ def test_batchnorm_updates_running_var_with_unbiased_variance():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_batchnorm_train_gradients_equal_textbook_autodiff_and_torch(offset):
+    """BatchNorm stops the gradient of the variance through the batch mean (a
+    term that is zero); input, scale and bias gradients must still equal full
+    autodiff of the textbook formula, and torch.nn.BatchNorm2d's, to rounding."""
+    rng = np.random.default_rng(int(offset))
+    x = jnp.asarray(rng.standard_normal((4, 6, 5, 8)) * 2 + offset, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    bn = BatchNorm(momentum=0.9)
+    stats = bn.init(jax.random.key(0), x, use_running_average=True)["batch_stats"]
+
+    def ours(x, scale, bias):
+        y, _ = bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats}, x,
+                        use_running_average=False, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * weights)
+
+    def textbook(x, scale, bias):
+        mean = jnp.mean(x, (0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+        return jnp.sum(jnp.sin((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias) * weights)
+
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.grad(textbook, argnums=(0, 1, 2)))(x, scale, bias)
+    for name, g, w in zip(("x", "scale", "bias"), got, want):
+        assert float(jnp.abs(g - w).max()) <= 1e-5 * float(jnp.abs(w).max()), name
+
+    torch = pytest.importorskip("torch")
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_()
+    tbn = torch.nn.BatchNorm2d(8).train()
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(np.asarray(scale)))
+        tbn.bias.copy_(torch.from_numpy(np.asarray(bias)))
+    tw = torch.from_numpy(np.asarray(weights).transpose(0, 3, 1, 2).copy())
+    (torch.sin(tbn(tx)) * tw).sum().backward()
+    for name, g, w in (("x", got[0], tx.grad.numpy().transpose(0, 2, 3, 1)), ("scale", got[1], tbn.weight.grad.numpy()),
+                       ("bias", got[2], tbn.bias.grad.numpy())):
+        assert float(np.abs(np.asarray(g) - w).max()) <= 1e-4 * float(np.abs(w).max()), name
+
+
 @pytest.mark.parametrize("shape,offset", [((3, 65, 192), 20.0), ((2, 5, 7, 96), 0.0)])
 def test_layer_norm_equals_flax_forward_exactly_and_its_backward_to_rounding(shape, offset):
     """The hand-written backward against autodiff through flax.linen.LayerNorm,

@@ -68,7 +68,11 @@ class BatchNorm(nn.Module):
             mean = jnp.mean(xf, axes)
             if self.axis_name is not None:
                 mean = lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            # d var / d mean = -2 * mean(x - mean) is zero, but autodiff would
+            # compute it: one more reduction over the whole activation per
+            # layer (MobileNetV2 fine-tune step 0.94x without it, same-process
+            # A/B). Stopping the gradient there drops exactly that zero term.
+            var = jnp.mean(jnp.square(xf - lax.stop_gradient(mean)), axes)
             if self.axis_name is not None:
                 var = lax.pmean(var, self.axis_name)
                 count = count * lax.psum(1, self.axis_name)
