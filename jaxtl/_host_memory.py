@@ -22,7 +22,10 @@ Measured same machine, fine-tune 128 px batch 32, ms per step before -> after:
 MobileNetV2 718 -> 493, ViT-Tiny 716 -> 473, ResNet-18 894 -> 793; MobileNetV2
 inference 140 -> 82. The cost: the process keeps its peak heap instead of
 returning freed memory to the system. Multi-device steps (pmap / shard_map over
-several devices) still run on pool threads and are unchanged.
+several devices) still run on pool threads and are unchanged: they fault their
+temporaries in every step. ``mallopt(M_ARENA_MAX, 1)`` would stop that, but it
+made the single-device MobileNetV2 step at 224 px 1.6x slower (one arena for all
+of XLA's threads), so it is not set; see benchmarks/README.md.
 
 Opt out with ``JAXTL_NO_MALLOC_TUNING=1``. Nothing is changed when the user set
 ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` or glibc's malloc variables themselves, when

@@ -90,8 +90,15 @@ def test_dann_on_four_devices_matches_one_device():
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["changed"] > 1e-3
+    assert result["lambda_per_step"][-1] > 0.9  # the reversed gradient is felt in the steps compared
+    # Step by step from the same state (see the helper): three steps in a row amplify rounding in
+    # DANN's adversarial dynamics (a permuted batch on one device: 2e-3 of the update on a 2-core
+    # Xeon); a device-split bug moves the update by O(1) (BatchNorm not synced: 0.9).
     for mapping in ("shard_map_4", "pmap_4"):
-        assert result[mapping]["max_rel"] <= 1e-5, result
+        one_step = result[mapping]["one_step"]
+        assert one_step["params_update_rel"] <= 1e-4, result
+        assert one_step["stats_update_rel"] <= 1e-4, result
+        assert one_step["loss_rel"] <= 1e-5, result
 
 
 @pytest.mark.parametrize("shift", ["digits-shifted", "digits-inverted"])
@@ -122,7 +129,12 @@ DANN_RUN = ["--backbone", "mobilenet_v2", "--img-size", "32", "--epochs", "8", "
 # 0.114 / 0.131 / 0.123, DANN 0.212 / 0.251 / 0.187 - margins +0.098 / +0.120 / +0.064; on the AMD EPYC
 # with the batch-sliced depthwise gradient (the same sums in another order) 0.153 / 0.134 / 0.164
 # against 0.192 / 0.192 / 0.242 - margins +0.039 / +0.059 / +0.078 (seed 0 read +0.086 before that
-# change). The bound sits below the worst seed: the margin moves with float rounding, its sign did not.
+# change). A single epoch's target top-1 moves by 0.01-0.05 between neighbouring epochs (359 images),
+# so the test compares the mean of the last LAST_EPOCHS epochs: on the EPYC, seed 0 with the ninth
+# session's code 0.146 against 0.216 (+0.070; last epoch alone 0.150 against 0.212), seeds 1 / 2 from
+# the seventh session's runs above 0.133 / 0.163 against 0.195 / 0.241 (+0.062 / +0.078). The bound sits below the worst seed: the margin moves with float rounding,
+# its sign did not.
+LAST_EPOCHS = 3
 MARGIN_BOUND = 0.03
 
 
@@ -133,10 +145,12 @@ def _start(out: Path, *args: str) -> subprocess.Popen:
 
 
 def _val_and_target_top1(proc: subprocess.Popen, out: Path) -> tuple[float, float]:
+    """The last epoch's source val top-1 and the mean target top-1 of the last LAST_EPOCHS epochs."""
     proc.wait(timeout=1800)
     assert proc.returncode == 0, Path(f"{out}.log").read_text()[-3000:]
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    return last["val_top1"], last["target_val_top1"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) >= LAST_EPOCHS, records
+    return records[-1]["val_top1"], float(np.mean([r["target_val_top1"] for r in records[-LAST_EPOCHS:]]))
 
 
 @pytest.mark.slow

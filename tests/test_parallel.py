@@ -20,5 +20,7 @@ def test_four_devices_match_one_device():
     print(result)
     assert result["changed"] > 1e-3  # the steps really trained
     for mapping in ("shard_map_4", "pmap_4"):
-        assert result[mapping]["max_rel"] <= 1e-5, result
-        assert result[mapping]["loss_rel"] <= 1e-5, result
+        assert result[mapping]["trajectory"]["max_rel"] <= 1e-5, result
+        assert result[mapping]["trajectory"]["loss_rel"] <= 1e-5, result
+        assert result[mapping]["one_step"]["params_update_rel"] <= 1e-4, result
+        assert result[mapping]["one_step"]["stats_update_rel"] <= 1e-4, result
