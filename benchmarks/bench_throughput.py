@@ -39,8 +39,8 @@ import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
 import jax
 import jax.numpy as jnp
 
-from common import (alternate, log, machine, markdown_table, median, out_name, peak_rss_mib, results_path,
-                    write_json)
+from common import (add_timing_args, alternate, log, machine, markdown_table, median, parse_timing_args,
+                    peak_rss_mib, write_json)
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vit_tiny_patch16_224")
 SIZES = (128, 224)
@@ -247,18 +247,9 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="one round of one repeat (a smoke run)")
-    p.add_argument("--out", default="throughput.json",
-                   help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
-    args = p.parse_args()
-    if args.quick:
-        args.rounds, args.repeats = 1, 1
-    args.out = out_name(args.out, "throughput.json", args.quick)
-    results_path(args.out)  # a bad --out fails now, not after the measurements
+    add_timing_args(p, "throughput.json", rounds=3)
+    args = parse_timing_args(p, "throughput.json")
     import torch
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"

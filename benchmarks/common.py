@@ -136,6 +136,27 @@ def out_name(given: str, default: str, quick: bool) -> str:
     return default.replace(".json", "_quick.json") if quick and given == default else given
 
 
+def add_timing_args(parser, default_out: str, rounds: int) -> None:
+    """--batch, --rounds, --repeats, --quick and --out, as every step benchmark takes them."""
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one round of one repeat (a smoke run)")
+    parser.add_argument("--out", default=default_out,
+                        help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
+
+
+def parse_timing_args(parser, default_out: str):
+    """Parse; ``--quick`` means one round of one repeat and its own output name; a bad
+    ``--out`` fails here, before any measuring."""
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeats = 1, 1
+    args.out = out_name(args.out, default_out, args.quick)
+    results_path(args.out)
+    return args
+
+
 def write_json(name: str, payload: dict) -> Path:
     """Write atomically (a temporary file, then rename): an interrupted write
     never leaves a half-written JSON in place of the last good one."""

@@ -24,6 +24,7 @@ SCRIPTS = {
     "throughput": HERE / "bench_throughput.py",
     "end_to_end": HERE / "bench_end_to_end.py",
     "malloc": HERE / "bench_malloc.py",
+    "native": HERE / "bench_native.py",
 }
 
 

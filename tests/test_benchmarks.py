@@ -69,6 +69,20 @@ def test_throughput_smoke_run_writes_a_table_and_json(tmp_path):
     assert payload["machine"]["cpus"] >= 1
 
 
+@pytest.mark.slow
+def test_native_smoke_run_times_both_steps(tmp_path):
+    # inference compiles in seconds (a fine-tune step twice took a minute); the script is the same
+    out = tmp_path / "native.json"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_native.py"), "--models", "mobilenet_v3_small", "--sizes",
+                        "32", "--mode", "inference", "--quick", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300,
+                       cwd=BENCH.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())["results"]
+    assert rec["median_s"]["xla"] > 0 and rec["median_s"]["native"] > 0 and len(rec["per_round_ratio"]) == 1
+    assert "| mobilenet_v3_small | 32 | inference |" in r.stdout
+
+
 def test_profile_step_names_layers_from_hlo_metadata(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     from profile_step import hlo_index, origin

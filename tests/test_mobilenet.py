@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 import jaxtl
+from jaxtl import native
 from jaxtl.models import abstract_variables, create_model
 from jaxtl.models import layers
 from jaxtl.models.layers import DEPTHWISE_ENV, DepthwiseConv, depthwise_conv, depthwise_impl
@@ -147,8 +148,10 @@ def test_depthwise_shift_add_equals_grouped(kernel, stride, dilation):
 @pytest.mark.parametrize("images_per_slice", [1, 2, 3, 5])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_depthwise_kernel_grad_in_batch_slices(monkeypatch, images_per_slice, stride):
-    """The kernel gradient summed over slices of the batch (a loop over slices,
-    plus a shorter last slice when the batch does not divide) equals the grouped conv's."""
+    """XLA's kernel gradient (the fallback of the native kernel) summed over slices of the batch
+    (a loop over slices, plus a shorter last slice when the batch does not divide) equals the
+    grouped conv's."""
+    monkeypatch.setenv(native.OPT_OUT, "0")
     n, h, w, c = 5, 13, 11, 24
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     per_image = ((h + 2) * (w + 2) + out_h * out_w) * c * 4
@@ -164,7 +167,7 @@ def test_depthwise_kernel_grad_in_batch_slices(monkeypatch, images_per_slice, st
     with jax.default_matmul_precision("highest"):
         ref = kernel_grad("grouped")
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    jaxpr = str(jax.make_jaxpr(lambda k: layers._depthwise_kernel_grad(padded, cot, k.shape, stride, 1))(k))
+    jaxpr = str(jax.make_jaxpr(lambda k: layers._depthwise_kernel_grad_taps(padded, cot, k.shape, stride, 1))(k))
     slices, rest = divmod(n, images_per_slice)
     # taps loops: one per whole slice (in a loop over slices when there are several), one for the rest
     assert jaxpr.count("scan") == (2 if slices > 1 else 1) + (1 if rest else 0)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from jaxtl import native
 from jaxtl.errors import ConfigError
 
 Dtype = Any
@@ -564,7 +565,25 @@ def _depthwise_shift_add_bwd(stride, padding, dilation, residuals, grad):
 
 def _depthwise_kernel_grad(padded, grad, kernel_shape, stride: int, dilation: int):
     """``d sum(depthwise_conv(x, k) * grad) / dk`` as a (kh, kw, 1, C) array (float32 or
-    wider), from the zero-padded input ``padded``."""
+    wider), from the zero-padded input ``padded``.
+
+    On CPU a hand-written kernel (:mod:`jaxtl.native`, one pass over the layer
+    instead of kh*kw) when it could be built; XLA's tap loop otherwise and on
+    other platforms (``lax.platform_dependent``, resolved when compiled)."""
+    kh, kw, _, c = kernel_shape
+    wide = jnp.promote_types(padded.dtype, jnp.float32)
+    if wide == jnp.float32 and jax.default_backend() == "cpu" and native.available():
+        def on_cpu(p, g):
+            return native.depthwise_kernel_grad(p, g, (kh, kw), stride, dilation).reshape(kh, kw, 1, c)
+
+        return lax.platform_dependent(padded, grad, cpu=on_cpu,
+                                      default=partial(_depthwise_kernel_grad_taps, kernel_shape=kernel_shape,
+                                                      stride=stride, dilation=dilation))
+    return _depthwise_kernel_grad_taps(padded, grad, kernel_shape, stride, dilation)
+
+
+def _depthwise_kernel_grad_taps(padded, grad, kernel_shape, stride: int, dilation: int):
+    """The kernel gradient as XLA operations: the kh*kw tap reductions in a loop."""
     kh, kw, _, c = kernel_shape
     n, padded_h, padded_w, _ = padded.shape
     out_h, out_w = grad.shape[1:3]
