@@ -51,11 +51,13 @@ NUM_CLASSES = 10
 # --------------------------------------------------------------------------- jaxtl
 
 
-def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compiled=None):
+def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compiled=None,
+              compiler_options: dict | None = None):
     """Returns (run-once callable, compile seconds, XLA memory bytes).
 
     ``on_compiled`` (optional) is called with the compiled executable
-    (profile_step.py reads its optimised HLO)."""
+    (profile_step.py reads its optimised HLO); ``compiler_options`` are XLA
+    debug options for this executable alone (same-process A/Bs of XLA options)."""
     from jaxtl.models import init_variables
     from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
     from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask
@@ -73,7 +75,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     if mode == "inference":
         fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
         t0 = time.perf_counter()
-        compiled = fwd.lower(variables, x).compile()
+        compiled = fwd.lower(variables, x).compile(compiler_options=compiler_options)
         compile_s = time.perf_counter() - t0
         if on_compiled is not None:
             on_compiled(compiled)
@@ -91,7 +93,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
                                "weight": np.ones(batch, np.float32)})
     holder = {"state": dp.replicate(create_train_state(variables, tx, 0, plateau_init(cfg)))}
     t0 = time.perf_counter()
-    compiled = mapped.lower(holder["state"], batch_dict).compile()
+    compiled = mapped.lower(holder["state"], batch_dict).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     if on_compiled is not None:
         on_compiled(compiled)
