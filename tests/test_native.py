@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,37 @@ def test_a_failed_build_says_why_once_and_training_code_falls_back(tmp_path):
     lines = [line for line in r.stderr.splitlines() if "native CPU kernels unavailable" in line]
     assert len(lines) == 1 and "no-such-compiler" in lines[0], r.stderr
     assert not any((tmp_path / "cache").rglob("*.so"))
+
+
+def test_kernel_grad_under_pmap_and_shard_map_on_four_devices():
+    # Four host devices run their kernel-gradient calls at the same time on XLA's shared pool:
+    # each call must finish (its own thread works through the chunks) and match one device's.
+    code = r"""
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxtl import native
+from jaxtl.models.layers import depthwise_conv
+assert native.available() and jax.device_count() == 4
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((16, 30, 30, 72)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((3, 3, 1, 72)), jnp.float32)
+def grad(k, x):
+    return jax.grad(lambda k: jnp.sum(jnp.sin(depthwise_conv(x, k, 2, 1, 1, "shift_add"))))(k)
+one = jax.jit(grad)(k, x)
+per_device = lambda k, x: jax.lax.psum(grad(k, x), "d")
+pmapped = jax.pmap(per_device, axis_name="d", in_axes=(None, 0))(k, x.reshape(4, 4, 30, 30, 72))[0]
+mesh = Mesh(np.array(jax.devices()), ("d",))
+sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=P(), check_vma=False))(k, x)
+hlo = jax.jit(grad).lower(k, x).as_text()
+scale = float(jnp.abs(one).max())
+print(json.dumps({"native": "jaxtl_depthwise_kernel_grad" in hlo,
+                  "pmap": float(jnp.abs(pmapped - one).max()) / scale,
+                  "shard_map": float(jnp.abs(sharded - one).max()) / scale}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["native"]
+    assert result["pmap"] <= 1e-5 and result["shard_map"] <= 1e-5, result
