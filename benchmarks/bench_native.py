@@ -1,14 +1,16 @@
-"""What jaxtl's native CPU kernel buys: the same jaxtl step with and without it, in one process.
+"""What jaxtl's native CPU kernels buy: the same jaxtl step with and without them, in one process.
 
-The native kernel (``jaxtl/native``, built on first use with the system's C++
-compiler) computes the depthwise convolution's kernel gradient in one pass over
-the layer; without it (``JAXTL_NATIVE=0`` when the step is traced) XLA runs its
-kh*kw tap reductions. Both steps are compiled in this process and timed in
+The native kernels (``jaxtl/native``, built on first use with the system's C++
+compiler) compute the depthwise convolution's kernel gradient in one pass over
+the layer (MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny) and a ViT's multi-head
+attention forward and backward per (image, head); without them
+(``JAXTL_NATIVE=0`` when the step is traced) XLA runs its kh*kw tap reductions
+and its batched matmuls + softmax. Both steps are compiled in this process and timed in
 alternating rounds, so the ratio is not at the mercy of process-to-process
 noise (10-25 % on a 2-core machine). Reported per model and size: median step
 time of each, native / XLA time, and the spread of that ratio over the rounds.
 
-    python benchmarks/bench_native.py                      # MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny, fine-tune
+    python benchmarks/bench_native.py                      # MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny, ViT-Tiny, fine-tune
     python benchmarks/bench_native.py --models mobilenet_v2 --sizes 224 --rounds 6
 """
 
@@ -24,7 +26,7 @@ from jaxtl import native
 from bench_throughput import jaxtl_job
 from common import add_timing_args, alternate, log, machine, markdown_table, median, parse_timing_args, write_json
 
-MODELS = ("mobilenet_v2", "efficientnet_b0", "convnext_tiny")
+MODELS = ("mobilenet_v2", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224")
 SIZES = (128, 224)
 
 
@@ -79,7 +81,7 @@ def main() -> None:
             log(f"  XLA {med['xla'] * 1e3:.0f} ms, native {med['native'] * 1e3:.0f} ms")
             del pair, runs
             gc.collect()
-    table = markdown_table(["model", "px", "job", "XLA kernel gradient ms", "native ms", "native / XLA time",
+    table = markdown_table(["model", "px", "job", "XLA ms", "native ms", "native / XLA time",
                             "per round"], rows)
     info = machine()
     path = write_json(args.out, {"machine": info, "args": vars(args), "results": results, "table": table})

@@ -1,4 +1,4 @@
-"""The native CPU kernel (jaxtl/native): the depthwise convolution's kernel gradient."""
+"""The native CPU kernels (jaxtl/native): the depthwise convolution's kernel gradient and multi-head attention."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from jaxtl import native
 from jaxtl.models import layers
-from jaxtl.models.layers import depthwise_conv
+from jaxtl.models.layers import depthwise_conv, multi_head_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are CPU kernels")
 
@@ -99,19 +99,23 @@ def test_a_failed_build_says_why_once_and_training_code_falls_back(tmp_path):
         "x = jnp.ones((2, 8, 8, 4)); k = jnp.ones((3, 3, 1, 4))\n"
         "f = jax.grad(lambda k: depthwise_conv(x, k, 1, 1, 1, 'shift_add').sum())\n"
         "print(float(f(k).sum())); print(float(jax.jit(f)(k).sum()))\n"
+        "from jaxtl.models.layers import multi_head_attention\n"
+        "q = jnp.ones((1, 3, 1, 16))\n"
+        "print(float(jax.jit(jax.grad(lambda v: multi_head_attention(q, q, v).sum()))(q).sum()))\n"
     )
     env = {**os.environ, "JAXTL_CACHE": str(tmp_path / "cache"), "CXX": str(tmp_path / "no-such-compiler")}
     env.pop(native.OPT_OUT, None)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # a tap sees 7, 8 or 7 image rows (and columns) of the 8x8 images; 2 images x 4 channels
-    assert [float(v) for v in r.stdout.split()] == [2 * 4 * (7 + 8 + 7) ** 2] * 2
+    # the attention of equal tokens is the mean of v: d sum(y) / dv = 1 for each of the 3 x 16 entries
+    assert [float(v) for v in r.stdout.split()] == [2 * 4 * (7 + 8 + 7) ** 2] * 2 + [48.0]
     lines = [line for line in r.stderr.splitlines() if "native CPU kernels unavailable" in line]
     assert len(lines) == 1 and "no-such-compiler" in lines[0], r.stderr
     assert not any((tmp_path / "cache").rglob("*.so"))
 
 
-def test_kernel_grad_under_pmap_and_shard_map_on_four_devices():
+def test_kernels_under_pmap_and_shard_map_on_four_devices():
     # Four host devices run their kernel-gradient calls at the same time on XLA's shared pool:
     # each call must finish (its own thread works through the chunks) and match one device's.
     code = r"""
@@ -120,7 +124,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtl import native
-from jaxtl.models.layers import depthwise_conv
+from jaxtl.models.layers import depthwise_conv, multi_head_attention
 assert native.available() and jax.device_count() == 4
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((16, 30, 30, 72)), jnp.float32)
@@ -134,12 +138,123 @@ mesh = Mesh(np.array(jax.devices()), ("d",))
 sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("d")), out_specs=P(), check_vma=False))(k, x)
 hlo = jax.jit(grad).lower(k, x).as_text()
 scale = float(jnp.abs(one).max())
-print(json.dumps({"native": "jaxtl_depthwise_kernel_grad" in hlo,
+# attention: the gradient of q over a batch of 8 images, split 2 per device
+q = jnp.asarray(rng.standard_normal((8, 33, 2, 32)), jnp.float32)
+def attn_grad(q):
+    return jax.grad(lambda q: jnp.sum(jnp.sin(multi_head_attention(q, q * 0.5, q + 1.0))))(q)
+attn_one = jax.jit(attn_grad)(q)
+attn_pmapped = jax.pmap(attn_grad)(q.reshape(4, 2, 33, 2, 32)).reshape(q.shape)
+attn_sharded = jax.jit(jax.shard_map(attn_grad, mesh=mesh, in_specs=P("d"), out_specs=P("d"), check_vma=False))(q)
+attn_hlo = jax.jit(attn_grad).lower(q).as_text()
+attn_scale = float(jnp.abs(attn_one).max())
+print(json.dumps({"native": "jaxtl_depthwise_kernel_grad" in hlo and "jaxtl_attention_backward" in attn_hlo,
                   "pmap": float(jnp.abs(pmapped - one).max()) / scale,
-                  "shard_map": float(jnp.abs(sharded - one).max()) / scale}))
+                  "shard_map": float(jnp.abs(sharded - one).max()) / scale,
+                  "attention_pmap": float(jnp.abs(attn_pmapped - attn_one).max()) / attn_scale,
+                  "attention_shard_map": float(jnp.abs(attn_sharded - attn_one).max()) / attn_scale}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["native"]
     assert result["pmap"] <= 1e-5 and result["shard_map"] <= 1e-5, result
+    # attention: one task per (image, head) whichever device runs it: the same numbers
+    assert result["attention_pmap"] == 0 and result["attention_shard_map"] == 0, result
+
+
+# ---------------------------------------------------------------------------
+# Attention (attention.cc).
+
+
+def reference_attention(q, k, v, dy):
+    """Forward and backward of softmax(q k^T / sqrt(d)) v per head, in float64 numpy."""
+    q, k, v, dy = (np.asarray(t, np.float64).transpose(0, 2, 1, 3) for t in (q, k, v, dy))
+    scale = q.shape[-1] ** -0.5
+    s = q @ k.swapaxes(-1, -2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    y = p @ v
+    dv = p.swapaxes(-1, -2) @ dy
+    dp = dy @ v.swapaxes(-1, -2)
+    ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) * scale
+    dq, dk = ds @ k, ds.swapaxes(-1, -2) @ q
+    return tuple(t.transpose(0, 2, 1, 3) for t in (y, dq, dk, dv))
+
+
+# tokens: 197 = ViT at 224 px (rows in 6-row tiles and a tail; 197 padded to 208 = 3 x 64 + 16 score
+# columns), 5 and 16 (one tile of padding, none); head_dim 16, 32, 64 and 80 (64-, 32- and 16-wide column tiles).
+@pytest.mark.parametrize("batch,tokens,heads,head_dim,spread", [(2, 197, 3, 64, 1.0), (3, 5, 2, 16, 1.0),
+                                                              (1, 16, 1, 32, 1.0), (2, 33, 2, 80, 1.0),
+                                                              (2, 50, 2, 64, 6.0)])
+def test_attention_forward_and_backward_equal_the_definition(batch, tokens, heads, head_dim, spread):
+    # spread 6: logits in the hundreds, most probabilities underflow (the max-subtracted softmax must hold)
+    rng = np.random.default_rng(tokens * 7 + head_dim)
+    q, k, v, dy = (jnp.asarray(rng.standard_normal((batch, tokens, heads, head_dim)) * (spread if i < 2 else 1),
+                               jnp.float32) for i in range(4))
+    y, lse = jax.jit(lambda q, k, v: native.attention_forward(q, k, v, head_dim ** -0.5))(q, k, v)
+    grads = jax.jit(lambda *a: native.attention_backward(*a, head_dim ** -0.5))(q, k, v, y, lse, dy)
+    ref = reference_attention(q, k, v, dy)
+    assert y.shape == q.shape and lse.shape == (batch, heads, tokens)
+    for name, got, want in zip(("y", "dq", "dk", "dv"), (y, *grads), ref):
+        err = np.abs(np.asarray(got, np.float64) - want).max()
+        assert err <= 2e-5 * np.abs(want).max(), (name, err, np.abs(want).max())
+    s = np.einsum("bihd,bjhd->bhij", np.asarray(q, np.float64), np.asarray(k, np.float64)) * head_dim ** -0.5
+    m = s.max(-1)
+    np.testing.assert_allclose(np.asarray(lse), m + np.log(np.exp(s - m[..., None]).sum(-1)), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_bit_identical_from_call_to_call():
+    # One task per (image, head), each summed in a fixed order: threads change nothing.
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, 65, 3, 64)), jnp.float32) for _ in range(3))
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(multi_head_attention(q, k, v))), argnums=(0, 1, 2)))
+    first = [np.asarray(g) for g in f(q, k, v)]
+    for _ in range(3):
+        assert all(np.array_equal(np.asarray(g), f0) for g, f0 in zip(f(q, k, v), first))
+
+
+def test_multi_head_attention_uses_the_native_kernel_and_matches_xla(monkeypatch):
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 50, 3, 64)), jnp.float32) for _ in range(3))
+
+    def compiled():  # a new function each time: JAX reuses the trace of a function it has seen
+        f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(multi_head_attention(q, k, v))),
+                                       argnums=(0, 1, 2)))
+        return f, f.lower(q, k, v).as_text()
+
+    f, hlo = compiled()
+    assert "jaxtl_attention_forward" in hlo and "jaxtl_attention_backward" in hlo
+    with_native = f(q, k, v)
+    monkeypatch.setenv(native.OPT_OUT, "0")
+    f, hlo = compiled()
+    assert "jaxtl_attention" not in hlo
+    without = f(q, k, v)
+    np.testing.assert_allclose(float(with_native[0]), float(without[0]), rtol=1e-5)
+    for got, want in zip(with_native[1], without[1]):
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5 * np.abs(np.asarray(want)).max()
+
+
+def test_attention_under_vmap_equals_each_slice():
+    # e.g. an ensemble of models vmapped over their parameters: the kernel runs once per slice
+    rng = np.random.default_rng(6)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 17, 2, 16)), jnp.float32) for _ in range(3))
+    f = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(multi_head_attention(q, k, v))))
+    mapped = jax.jit(jax.vmap(f))(q, k, v)
+    assert "jaxtl_attention_backward" in jax.jit(jax.vmap(f)).lower(q, k, v).as_text()
+    for i in range(3):
+        assert np.array_equal(np.asarray(mapped[i]), np.asarray(jax.jit(f)(q[i], k[i], v[i])))
+
+
+@pytest.mark.parametrize("dtype,head_dim,dropout", [("bfloat16", 64, False), ("float32", 8, False),
+                                                    ("float32", 64, True)])
+def test_attention_outside_the_kernel_takes_the_xla_path(dtype, head_dim, dropout):
+    # bfloat16, a head_dim that is not a multiple of 16 and attention dropout (which needs the
+    # probabilities) are XLA's; the result is the same formula either way.
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 9, 2, head_dim)), dtype) for _ in range(3))
+    drop = (lambda p: p * 1.0) if dropout else None
+    hlo = jax.jit(jax.grad(lambda q: jnp.sum(multi_head_attention(q, k, v, drop).astype(jnp.float32)))).lower(q).as_text()
+    assert "jaxtl_attention" not in hlo
+    got = np.asarray(multi_head_attention(q, k, v, drop), np.float64)
+    want = reference_attention(q, k, v, np.zeros(q.shape))[0]
+    assert np.abs(got - want).max() <= (2e-2 if dtype == "bfloat16" else 1e-5) * np.abs(want).max()

@@ -470,6 +470,77 @@ def gelu_exact(x):
 
 
 # ---------------------------------------------------------------------------
+# Multi-head attention.
+
+
+def multi_head_attention(q, k, v, dropout: Callable | None = None):
+    """``softmax(q k^T / sqrt(head_dim)) v`` per image and head, PyTorch's
+    ``scaled_dot_product_attention``.
+
+    ``q``, ``k``, ``v``: (batch, tokens, heads, head_dim), the projections'
+    layout; returns the same layout. ``dropout`` (applied to the attention
+    probabilities) is for training with attention dropout; it needs the
+    probabilities, so it takes the XLA path.
+
+    On CPU, in float32 with head_dim a multiple of 16 and no dropout, a fused
+    kernel (:mod:`jaxtl.native`) computes the forward and the backward per
+    (image, head) without materialising the heads-first transposes: ViT-Tiny's
+    attention forward + backward at 224 px, batch 32, took 22-28 ms per block
+    against XLA's 30-36 on 2 cores (PyTorch's fused kernel 22-24). Elsewhere:
+    XLA's batched matmuls and softmax (float32 softmax for any input dtype).
+    """
+    scale = q.shape[-1] ** -0.5
+    if (dropout is None and q.dtype == k.dtype == v.dtype == jnp.float32
+            and q.shape[-1] % native.ATTENTION_LANES == 0 and jax.default_backend() == "cpu" and native.available()):
+        return _fused_attention(q, k, v, scale)
+    return _attention_xla(q, k, v, scale, dropout)
+
+
+def _attention_xla(q, k, v, scale: float, dropout: Callable | None = None):
+    # Heads-first: plain batched matmuls, whose backward XLA's CPU backend runs
+    # faster than the equivalent "bqhd,bkhd" einsums.
+    qh, kh, vh = (t.swapaxes(1, 2) for t in (q, k, v))
+    logits = (qh * jnp.asarray(scale, q.dtype)) @ kh.swapaxes(-1, -2)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    if dropout is not None:
+        attn = dropout(attn)
+    return (attn @ vh).swapaxes(1, 2)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_attention(q, k, v, scale: float):
+    return _fused_attention_fwd(q, k, v, scale)[0]
+
+
+def _fused_attention_fwd(q, k, v, scale):
+    # lax.platform_dependent: the native kernel where this compiles for the CPU,
+    # XLA's formula (with the same residuals) if it is compiled for another device.
+    y, lse = lax.platform_dependent(q, k, v, cpu=partial(native.attention_forward, scale=scale),
+                                    default=partial(_attention_and_lse, scale=scale))
+    return y, (q, k, v, y, lse)
+
+
+def _fused_attention_bwd(scale, residuals, dy):
+    q, k, v, y, lse = residuals
+
+    def on_cpu(q, k, v, y, lse, dy):
+        return native.attention_backward(q, k, v, y, lse, dy, scale)
+
+    def elsewhere(q, k, v, y, lse, dy):
+        return jax.vjp(partial(_attention_xla, scale=scale), q, k, v)[1](dy)
+
+    return tuple(lax.platform_dependent(q, k, v, y, lse, dy, cpu=on_cpu, default=elsewhere))
+
+
+def _attention_and_lse(q, k, v, scale):
+    logits = (q.swapaxes(1, 2) * scale) @ k.transpose(0, 2, 3, 1)
+    return _attention_xla(q, k, v, scale), jax.nn.logsumexp(logits, axis=-1)
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+
+
+# ---------------------------------------------------------------------------
 # Depthwise convolution.
 #
 # XLA's CPU backend runs ``feature_group_count=C`` convolutions 10-28x slower

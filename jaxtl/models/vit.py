@@ -30,7 +30,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import LayerNorm, check_rates, conv, dense, gelu_exact
+from jaxtl.models.layers import LayerNorm, check_rates, conv, dense, gelu_exact, multi_head_attention
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -206,18 +206,16 @@ class SelfAttention(nn.Module):
         head_dim = width // self.num_heads
         proj = partial(dense, width, dtype=self.dtype, use_bias=self.qkv_bias)
 
-        def heads(t):  # (batch, tokens, width) -> (batch, heads, tokens, head_dim)
-            return t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+        def heads(t):  # (batch, tokens, width) -> (batch, tokens, heads, head_dim): a reshape, no copy
+            return t.reshape(batch, tokens, self.num_heads, head_dim)
 
-        # Heads-first layout: plain batched matmuls, whose backward XLA's CPU
-        # backend runs faster than the equivalent "bqhd,bkhd" einsums.
         q = heads(proj(name="query")(x))
         k = heads(proj(name="key")(x))
         v = heads(proj(name="value")(x))
-        logits = (q * jnp.asarray(head_dim ** -0.5, q.dtype)) @ k.swapaxes(-1, -2)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        attn = nn.Dropout(self.attn_drop_rate)(attn, deterministic=deterministic)
-        y = (attn @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
+        # Created even when unused: the proj dropout keeps its name (Dropout_1) and its random stream.
+        attn_dropout = nn.Dropout(self.attn_drop_rate)
+        dropout = partial(attn_dropout, deterministic=False) if self.attn_drop_rate > 0 and not deterministic else None
+        y = multi_head_attention(q, k, v, dropout).reshape(batch, tokens, width)
         y = dense(width, dtype=self.dtype, name="proj")(y)
         return nn.Dropout(self.proj_drop_rate)(y, deterministic=deterministic)
 

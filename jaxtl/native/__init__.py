@@ -1,17 +1,23 @@
 """Hand-written CPU kernels, compiled on first use and called from XLA (FFI custom calls).
 
-Why: one operation XLA's CPU backend does badly and that matters for training
-speed: the kernel gradient of a depthwise convolution (MobileNet, EfficientNet,
-ConvNeXt). XLA computes it as kh*kw multiply-reductions, each of which reads
-the whole layer; ``depthwise.cc`` makes one pass and keeps the kh*kw partial
-sums in registers (10x faster per layer on a 2-core AVX-512 Xeon, see
-benchmarks/README.md).
+Why: two operations XLA's CPU backend does badly and that matter for training
+speed.
 
-How: the C++ source ships with the package and is compiled with the system's
+* The kernel gradient of a depthwise convolution (MobileNet, EfficientNet,
+  ConvNeXt). XLA computes it as kh*kw multiply-reductions, each of which reads
+  the whole layer; ``depthwise.cc`` makes one pass and keeps the kh*kw partial
+  sums in registers (10x faster per layer on a 2-core AVX-512 Xeon, see
+  benchmarks/README.md).
+* A ViT's multi-head attention, forward and backward. XLA runs it as batched
+  matmuls of small (197 x 64) matrices, a softmax and head transposes;
+  ``attention.cc`` does each (image, head) pair as one task whose scores stay
+  in cache, on the projections' own (batch, tokens, heads, head_dim) layout.
+
+How: the C++ sources ship with the package and are compiled with the system's
 C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) against the FFI
-headers that jaxlib ships (``jax.ffi.include_dir()``), once per source,
-jaxlib version and processor, into ``<jaxtl cache>/native/`` (``JAXTL_CACHE``
-or ``~/.cache/jaxtl``; about 4 s). Concurrent processes share one build (a
+headers that jaxlib ships (``jax.ffi.include_dir()``), once per source set,
+jaxlib version and processor, into one library under ``<jaxtl cache>/native/``
+(``JAXTL_CACHE`` or ``~/.cache/jaxtl``; about 8 s). Concurrent processes share one build (a
 file lock; the library is renamed into place complete).
 
 When there is no compiler, the build fails or ``JAXTL_NATIVE=0`` is set,
@@ -32,9 +38,14 @@ import threading
 from pathlib import Path
 
 OPT_OUT = "JAXTL_NATIVE"      # "0": never build or use the native kernels
-SOURCE = Path(__file__).with_name("depthwise.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("depthwise.cc", "attention.cc"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h",))   # part of the build key
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-TARGETS = {"depthwise_kernel_grad": "JaxtlDepthwiseKernelGrad"}   # FFI target name -> C symbol
+TARGETS = {   # FFI target name -> C symbol
+    "depthwise_kernel_grad": "JaxtlDepthwiseKernelGrad",
+    "attention_forward": "JaxtlAttentionForward",
+    "attention_backward": "JaxtlAttentionBackward",
+}
 
 _lock = threading.Lock()
 _state: dict = {}   # "ok": bool, "error": str, "path": Path
@@ -46,7 +57,8 @@ def _build_dir() -> Path:
     from jaxtl.compile_cache import cpu_tag
     from jaxtl.hub import jaxtl_cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode())
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(FLAGS).encode()
+                         + jaxlib.__version__.encode())
     return jaxtl_cache_dir() / "native" / f"{key.hexdigest()[:16]}-{cpu_tag()}"
 
 
@@ -60,7 +72,7 @@ def _compile(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -104,7 +116,7 @@ def available() -> bool:
                 _state["ok"] = False
                 _state["error"] = f"{type(e).__name__}: {e}"
                 print(f"jaxtl: native CPU kernels unavailable ({_state['error']}); using XLA's slower "
-                      f"depthwise kernel gradient (set {OPT_OUT}=0 to skip the build)", file=sys.stderr)
+                      f"depthwise kernel gradient and attention (set {OPT_OUT}=0 to skip the build)", file=sys.stderr)
         return _state["ok"]
 
 
@@ -117,11 +129,49 @@ def depthwise_kernel_grad(padded, grad, kernel_size: tuple[int, int], stride: in
     import jax.numpy as jnp
     import numpy as np
 
-    if not available():
-        raise RuntimeError(f"jaxtl's native CPU kernels are not available ({_state.get('error', f'{OPT_OUT}=0')}); "
-                           "use the XLA code path")
+    _check_available()
     kh, kw = kernel_size
     call = jax.ffi.ffi_call("jaxtl_depthwise_kernel_grad", jax.ShapeDtypeStruct((kh * kw, padded.shape[-1]),
                                                                               jnp.float32))
     return call(padded.astype(jnp.float32), grad.astype(jnp.float32), kh=np.int64(kh), kw=np.int64(kw),
                 stride=np.int64(stride), dilation=np.int64(dilation))
+
+
+def _check_available() -> None:
+    if not available():
+        raise RuntimeError(f"jaxtl's native CPU kernels are not available ({_state.get('error', f'{OPT_OUT}=0')}); "
+                           "use the XLA code path")
+
+
+ATTENTION_LANES = 16   # head_dim must be a multiple of this (attention.cc's vector width)
+
+
+def attention_forward(q, k, v, scale: float):
+    """Softmax attention per (image, head): ``(y, lse)``.
+
+    ``q``, ``k``, ``v`` (batch, tokens, heads, head_dim) float32 with head_dim a
+    multiple of 16; ``y`` has their shape, ``lse`` (batch, heads, tokens) is the
+    log of each softmax row's denominator (the backward's residual). CPU only."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    _check_available()
+    b, t, h, _ = q.shape
+    # vmap (an ensemble, per-example gradients) runs the kernel once per mapped slice
+    call = jax.ffi.ffi_call("jaxtl_attention_forward", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                         jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+                            vmap_method="sequential")
+    return call(q, k, v, scale=np.float32(scale))
+
+
+def attention_backward(q, k, v, y, lse, dy, scale: float):
+    """``(dq, dk, dv)`` of :func:`attention_forward` for the output gradient ``dy``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    _check_available()
+    like = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call("jaxtl_attention_backward", (like, like, like), vmap_method="sequential")
+    return call(q, k, v, y, dy, lse, scale=np.float32(scale))

@@ -17,17 +17,15 @@
 // are added in chunk order. Which thread runs a chunk changes nothing.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxtl::RunTasks;
 
 namespace {
 
@@ -92,15 +90,6 @@ void Accumulate(const Geometry& g, const float* x, const float* dy, int64_t row_
   AccumulateRows<0, 0>(g, x, dy, row_begin, row_end, acc);
 }
 
-// Shared by the calling thread and the helper tasks; a task that starts after
-// the call has returned finds no chunk left and touches nothing but this.
-struct Work {
-  std::atomic<int64_t> next{0};
-  int64_t done = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> padded, ffi::Buffer<ffi::F32> grad,
                                ffi::ResultBuffer<ffi::F32> out, int64_t kh, int64_t kw, int64_t stride,
                                int64_t dilation) {
@@ -126,27 +115,11 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> padde
   const float* dy = grad.typed_data();
   float* partial_data = partial.data();
 
-  auto work = std::make_shared<Work>();
-  auto run = [=](Work& w) {
-    int64_t finished = 0;
-    for (int64_t k = w.next.fetch_add(1); k < chunks; k = w.next.fetch_add(1)) {
+  RunTasks(pool, chunks, [=](auto next) {
+    for (int64_t k = next(); k >= 0; k = next())
       Accumulate(g, x, dy, k * rows_per_chunk, std::min(rows, (k + 1) * rows_per_chunk),
                  partial_data + k * taps * g.c);
-      ++finished;
-    }
-    if (finished) {
-      std::lock_guard<std::mutex> lock(w.mu);
-      w.done += finished;
-      if (w.done == chunks) w.cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run] { run(*work); });
-  run(*work);
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done == chunks; });
-  }
+  });
   // Pairwise over the chunks (a fixed tree): the rounding error grows with the
   // log of the number of chunks, not with the number.
   const int64_t size = taps * g.c;
