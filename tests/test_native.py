@@ -203,6 +203,22 @@ def test_attention_forward_and_backward_equal_the_definition(batch, tokens, head
     np.testing.assert_allclose(np.asarray(lse), m + np.log(np.exp(s - m[..., None]).sum(-1)), rtol=1e-5, atol=1e-5)
 
 
+def test_a_nan_in_attention_stays_nan_like_xla():
+    # A diverging model must reach the train step's non-finite check, not come out finite.
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 20, 2, 16)).astype(np.float32) for _ in range(3))
+    q[0, 3, 0, 5] = np.nan    # image 0, head 0: row 3 of the scores
+    k[1, 7, 1, 2] = np.nan    # image 1, head 1: column 7, so every row
+    q, k, v = map(jnp.asarray, (q, k, v))
+    fused = jax.jit(lambda q, k, v: layers._fused_attention(q, k, v, 0.25))
+    got, want = np.asarray(fused(q, k, v)), np.asarray(layers._attention_xla(q, k, v, 0.25))
+    assert "jaxtl_attention_forward" in fused.lower(q, k, v).as_text()
+    assert np.isnan(got[0, 3, 0]).all() and np.isnan(got[1, :, 1]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    dq = np.asarray(jax.jit(jax.grad(lambda q: jnp.sum(layers._fused_attention(q, k, v, 0.25))))(q))
+    assert np.isnan(dq).any() and np.isnan(dq[1, :, 1]).all()
+
+
 def test_attention_is_bit_identical_from_call_to_call():
     # One task per (image, head), each summed in a fixed order: threads change nothing.
     rng = np.random.default_rng(3)

@@ -44,10 +44,12 @@ inline Vec Splat(float x) { return Vec{} + x; }
 
 // exp on 16 lanes: 2^n * p(r) with r = x - n ln2, |r| <= ln2 / 2, Cephes'
 // degree-6 polynomial (about 1 ulp). Inputs below -87 give exp(-87) ~ 1.6e-38,
-// not 0: negligible next to a softmax row's maximum term, which is 1.
+// not 0: negligible next to a softmax row's maximum term, which is 1. The
+// clamps are written so that a NaN stays NaN (a comparison with NaN is false):
+// a diverging model must reach the train step's non-finite check.
 inline Vec Exp(Vec x) {
-  x = x < Splat(88.3762626647949f) ? x : Splat(88.3762626647949f);
-  x = x > Splat(-87.3365447504019f) ? x : Splat(-87.3365447504019f);
+  x = x > Splat(88.3762626647949f) ? Splat(88.3762626647949f) : x;
+  x = x < Splat(-87.3365447504019f) ? Splat(-87.3365447504019f) : x;
   const Vec magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   Vec n = (x * Splat(1.44269504088896341f) + magic) - magic;
   Vec r = x - n * Splat(0.693359375f);
