@@ -250,6 +250,18 @@ def test_multi_head_attention_uses_the_native_kernel_and_matches_xla(monkeypatch
         assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5 * np.abs(np.asarray(want)).max()
 
 
+def test_the_other_platforms_branch_gives_the_kernels_residuals():
+    # lax.platform_dependent's default branch (a function compiled for a GPU/TPU) must hand the
+    # shared backward the same (y, lse) as the CPU kernel.
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 32)), jnp.float32) for _ in range(3))
+    y, lse = jax.jit(lambda q, k, v: layers._attention_and_lse(q, k, v, 0.2))(q, k, v)
+    y_native, lse_native = jax.jit(lambda q, k, v: native.attention_forward(q, k, v, 0.2))(q, k, v)
+    assert y.shape == y_native.shape and lse.shape == lse_native.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_native), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_native), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_under_vmap_equals_each_slice():
     # e.g. an ensemble of models vmapped over their parameters: the kernel runs once per slice
     rng = np.random.default_rng(6)

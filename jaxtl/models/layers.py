@@ -491,20 +491,23 @@ def multi_head_attention(q, k, v, dropout: Callable | None = None):
     """
     scale = q.shape[-1] ** -0.5
     if (dropout is None and q.dtype == k.dtype == v.dtype == jnp.float32
-            and q.shape[-1] % native.ATTENTION_LANES == 0 and jax.default_backend() == "cpu" and native.available()):
+            and q.shape[-1] % native.ATTENTION_LANES == 0 and native.usable()):
         return _fused_attention(q, k, v, scale)
     return _attention_xla(q, k, v, scale, dropout)
 
 
-def _attention_xla(q, k, v, scale: float, dropout: Callable | None = None):
+def _attention_logits(q, k, scale: float):
     # Heads-first: plain batched matmuls, whose backward XLA's CPU backend runs
-    # faster than the equivalent "bqhd,bkhd" einsums.
-    qh, kh, vh = (t.swapaxes(1, 2) for t in (q, k, v))
-    logits = (qh * jnp.asarray(scale, q.dtype)) @ kh.swapaxes(-1, -2)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    # faster than the equivalent "bqhd,bkhd" einsums. (batch, heads, T, T), float32.
+    qh, kh = q.swapaxes(1, 2), k.swapaxes(1, 2)
+    return ((qh * jnp.asarray(scale, q.dtype)) @ kh.swapaxes(-1, -2)).astype(jnp.float32)
+
+
+def _attention_xla(q, k, v, scale: float, dropout: Callable | None = None):
+    attn = jax.nn.softmax(_attention_logits(q, k, scale), axis=-1).astype(q.dtype)
     if dropout is not None:
         attn = dropout(attn)
-    return (attn @ vh).swapaxes(1, 2)
+    return (attn @ v.swapaxes(1, 2)).swapaxes(1, 2)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -533,8 +536,11 @@ def _fused_attention_bwd(scale, residuals, dy):
 
 
 def _attention_and_lse(q, k, v, scale):
-    logits = (q.swapaxes(1, 2) * scale) @ k.transpose(0, 2, 3, 1)
-    return _attention_xla(q, k, v, scale), jax.nn.logsumexp(logits, axis=-1)
+    """XLA's forward with the native kernel's residual: the scores once, softmax = exp(logits - lse)."""
+    logits = _attention_logits(q, k, scale)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    attn = jnp.exp(logits - lse[..., None]).astype(q.dtype)
+    return (attn @ v.swapaxes(1, 2)).swapaxes(1, 2), lse
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
@@ -643,7 +649,7 @@ def _depthwise_kernel_grad(padded, grad, kernel_shape, stride: int, dilation: in
     other platforms (``lax.platform_dependent``, resolved when compiled)."""
     kh, kw, _, c = kernel_shape
     wide = jnp.promote_types(padded.dtype, jnp.float32)
-    if wide == jnp.float32 and jax.default_backend() == "cpu" and native.available():
+    if wide == jnp.float32 and native.usable():
         def on_cpu(p, g):
             return native.depthwise_kernel_grad(p, g, (kh, kw), stride, dilation).reshape(kh, kw, 1, c)
 

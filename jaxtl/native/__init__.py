@@ -137,6 +137,15 @@ def depthwise_kernel_grad(padded, grad, kernel_size: tuple[int, int], stride: in
                 stride=np.int64(stride), dilation=np.int64(dilation))
 
 
+def usable() -> bool:
+    """True when JAX computes on the CPU by default and the kernels are available:
+    the callers' trace-time choice (``lax.platform_dependent`` still covers a
+    function compiled for another device)."""
+    import jax
+
+    return jax.default_backend() == "cpu" and available()
+
+
 def _check_available() -> None:
     if not available():
         raise RuntimeError(f"jaxtl's native CPU kernels are not available ({_state.get('error', f'{OPT_OUT}=0')}); "

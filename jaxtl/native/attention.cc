@@ -197,9 +197,9 @@ void BackwardTask(const Shape& s, float scale, const float* q, const float* k, c
       // dS = P * (dP - delta), times the scale that multiplied the scores.
       Store(drow + j, prob * (Load(drow + j) - Splat(delta)) * Splat(scale));
     }
-    for (int64_t j = s.tokens; j < s.padded; ++j) prow[j] = drow[j] = 0.f;
   }
-  // dv = P^T . dy, dq = dS . k, dk = dS^T . q.
+  // dv = P^T . dy, dq = dS . k, dk = dS^T . q: each sums over tokens only, so
+  // the padding columns of P and dS are never read.
   MatMul(s.tokens, s.dim, s.tokens, p, 1, s.padded, dy + off, s.row(), dv + off, s.row());
   MatMul(s.tokens, s.dim, s.tokens, ds, s.padded, 1, k + off, s.row(), dq + off, s.row());
   MatMul(s.tokens, s.dim, s.tokens, ds, 1, s.padded, q + off, s.row(), dk + off, s.row());
