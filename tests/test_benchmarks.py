@@ -71,16 +71,17 @@ def test_throughput_smoke_run_writes_a_table_and_json(tmp_path):
 
 @pytest.mark.slow
 def test_native_smoke_run_times_both_steps(tmp_path):
-    # inference compiles in seconds (a fine-tune step twice took a minute); the script is the same
+    # inference compiles in seconds (a fine-tune step twice took a minute); the script is the same.
+    # MobileNetV2 at 32 px: 18 s here against 23 s for mobilenet_v3_small (2-core Xeon)
     out = tmp_path / "native.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_native.py"), "--models", "mobilenet_v3_small", "--sizes",
+    r = subprocess.run([sys.executable, str(BENCH / "bench_native.py"), "--models", "mobilenet_v2", "--sizes",
                         "32", "--mode", "inference", "--quick", "--out", str(out)], capture_output=True, text=True,
                        timeout=300,
                        cwd=BENCH.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     (rec,) = json.loads(out.read_text())["results"]
     assert rec["median_s"]["xla"] > 0 and rec["median_s"]["native"] > 0 and len(rec["per_round_ratio"]) == 1
-    assert "| mobilenet_v3_small | 32 | inference |" in r.stdout
+    assert "| mobilenet_v2 | 32 | inference |" in r.stdout
 
 
 def test_profile_step_names_layers_from_hlo_metadata(monkeypatch):

@@ -66,7 +66,13 @@ def test_default_job_runs_offline_and_exports(tmp_path):
     assert str(img) in p.stdout and p.stdout.count("(class") == 3
 
 
-def test_bad_flags_are_refused_before_any_work(tmp_path):
+def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from jaxtl.compile_cache import OPT_OUT
+    from jaxtl.train import main
+
+    # In this process (a subprocess per case cost ~4 s of interpreter and JAX start-up each); the
+    # same main() that `python -m jaxtl.train` calls, its exit status and everything it prints.
+    monkeypatch.setenv(OPT_OUT, "1")  # main() must not switch this test process's JAX cache on
     cases = [
         (["--strategy", "finetune", "--cache-features"], "--cache-features only works with --strategy "
                                                           "feature_extract"),
@@ -75,19 +81,31 @@ def test_bad_flags_are_refused_before_any_work(tmp_path):
         (["--strategy", "finetune", "--freeze-until", "layer9", "--backbone", "resnet18", "--weights", "none"],
          "freeze_until='layer9' is not a backbone group"),
         (["--lr-mults", "layer4"], "--lr-mults"),
+        (["--lr-mults", "layer9=0.1", "--backbone", "resnet18", "--weights", "none"],
+         "lr_mults names unknown group(s) layer9"),
+        (["--strategy", "progressive", "--unfreeze-at", "2:layer9", "--backbone", "resnet18", "--weights", "none"],
+         "unfreeze_at names 'layer9'"),
         (["--layer-decay", "0.7", "--lr-spread", "0.1"], "at most one of"),
         (["--weights", "none", "--weights-file", "x.pth"], "contradict"),
     ]
     for args, message in cases:
         out = tmp_path / f"o{len(args)}"
         t0 = time.time()
-        r = run_train(*args, "--output", out)
-        assert r.returncode == 2, (args, r.stderr)
-        assert message in r.stderr, (args, r.stderr)
-        assert r.stderr.strip().count("\n") == 0, r.stderr  # one line, no traceback
-        assert time.time() - t0 < 60
-    r = run_train("--sched", "linear")
-    assert r.returncode == 2 and "invalid choice: 'linear'" in r.stderr
+        status = main([*args, "--output", str(out)])
+        err = capsys.readouterr().err
+        assert status == 2, (args, err)
+        assert message in err, (args, err)
+        assert err.startswith("python -m jaxtl.train: error: "), err
+        assert err.strip().count("\n") == 0, err  # one line, no traceback
+        assert time.time() - t0 < 30
+        assert not out.exists(), args              # refused before anything was written
+    with pytest.raises(SystemExit) as refused:    # argparse's own refusal: its usage, then the error
+        main(["--sched", "linear"])
+    assert refused.value.code == 2 and "invalid choice: 'linear'" in capsys.readouterr().err
+    # and through the real command line: exit status 2 and one line on stderr
+    r = run_train("--epochs", "0", "--output", tmp_path / "cli")
+    assert r.returncode == 2 and r.stderr.strip() == "python -m jaxtl.train: error: --epochs must be >= 1, got 0"
+    assert not (tmp_path / "cli").exists()
 
 
 def test_resnet50_without_weights_stops_before_training_with_instructions(tmp_path):

@@ -199,6 +199,10 @@ class Trainer:
         self.spec, implied = resolve(cfg.backbone)
         self.source = cfg.source or implied
         self.spec.source(self.source)  # unknown source -> error now
+        # The strategy against this backbone's groups (freeze_until, unfreeze_at, lr_mults): refused
+        # before the output folder is created or any data is read.
+        cfg.strategy.stages(self.spec, cfg.epochs)
+        cfg.strategy.lr_multipliers(self.spec)
         self.out = Path(cfg.output)
         self.skipped: list[str] = []  # "path: reason" of every file skipped as unreadable
         self.lock = RunLock(self.out).acquire()
