@@ -201,8 +201,8 @@ class Trainer:
         self.spec.source(self.source)  # unknown source -> error now
         # The strategy against this backbone's groups (freeze_until, unfreeze_at, lr_mults): refused
         # before the output folder is created or any data is read.
-        cfg.strategy.stages(self.spec, cfg.epochs)
-        cfg.strategy.lr_multipliers(self.spec)
+        self.stages = cfg.strategy.stages(self.spec, cfg.epochs)
+        self.lr_mults = cfg.strategy.lr_multipliers(self.spec)
         self.out = Path(cfg.output)
         self.skipped: list[str] = []  # "path: reason" of every file skipped as unreadable
         self.lock = RunLock(self.out).acquire()
@@ -268,8 +268,6 @@ class Trainer:
         self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter,
                                      scale=(cfg.crop_scale, 1.0))
         self.prepare_eval = partial(eval_prepare, pre=self.pre)
-        self.stages = cfg.strategy.stages(self.spec, cfg.epochs)
-        self.lr_mults = cfg.strategy.lr_multipliers(self.spec)
         self._compiled: dict[int, tuple] = {}
 
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
