@@ -3,6 +3,10 @@
 Tests never touch the network: downloads are switched off, and caches point
 into a per-session temporary folder so a developer's real caches are neither
 used nor polluted (the embedded offline weights package is still found).
+
+Compiled programs are shared by the whole run: one JAX persistent compilation
+cache for every xdist worker, the tests' own processes and the command lines
+they start (see :func:`pytest_configure`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,32 @@ def torch_stack_available() -> bool:
 
 
 TORCH_OK = torch_stack_available()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own configure, which makes the temporary-folder factory
+def pytest_configure(config):
+    """One JAX compilation cache for the run, shared by the xdist workers and their subprocesses.
+
+    Why: the suite is CPU-bound, and many tests compile the same programs (a model's
+    initialisation, a small ResNet-18's train step in the command-line tests); measured on
+    test_resnet + test_strategies + test_mobilenet: 495 -> 449 CPU seconds. A fresh folder per
+    run, in pytest's temporary folder (pytest keeps the last three runs'), so a run never
+    loads what an earlier one compiled. The size bound switches on JAX's file lock, which
+    makes concurrent writers safe. Tests of jaxtl's own cache choice unset it for their runs.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") is not None:  # the developer's choice (or a worker's parent)
+        return
+    base = config._tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
+    folder.mkdir(exist_ok=True)
+    settings = {"jax_compilation_cache_dir": str(folder), "jax_persistent_cache_min_compile_time_secs": 0.5,
+                "jax_compilation_cache_max_size": 4 << 30}
+    os.environ.update({k.upper(): str(v) for k, v in settings.items()})  # read by jax when it is imported
+    if "jax" in sys.modules:  # imported already: tell it directly
+        import jax
+
+        for name, value in settings.items():
+            jax.config.update(name, value)
 
 
 def pytest_addoption(parser):

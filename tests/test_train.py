@@ -110,22 +110,47 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cli").exists()
 
 
-def test_resnet50_without_weights_stops_before_training_with_instructions(tmp_path):
-    r = run_train("--backbone", "resnet50", "--strategy", "finetune", "--output", tmp_path / "r50")
-    assert r.returncode == 2
-    assert "resnet50-11ad3fa6.pth" in r.stderr and "--weights-file" in r.stderr
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """``jaxtl.train.main`` in this process: (exit status, stderr) of one command line.
+
+    For refusals that come before training; a subprocess per case costs ~4 s of start-up.
+    """
+    from jaxtl.compile_cache import OPT_OUT
+    from jaxtl.train import main
+
+    monkeypatch.setenv(OPT_OUT, "1")  # main() must not switch this test process's JAX cache on
+
+    def run(*args):
+        capsys.readouterr()
+        status = main([*map(str, args)])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def test_resnet50_without_weights_stops_before_training_with_instructions(tmp_path, main_in_process):
+    status, err = main_in_process("--backbone", "resnet50", "--strategy", "finetune", "--output", tmp_path / "r50")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "resnet50-11ad3fa6.pth" in err and "--weights-file" in err
     assert not (tmp_path / "r50" / "metrics.jsonl").exists()
 
 
-def test_output_folder_is_not_overwritten_and_resume_needs_a_run(tmp_path):
+def test_output_folder_is_not_overwritten_and_resume_needs_a_run(tmp_path, main_in_process):
     out = tmp_path / "run"
     run_train(*SMALL, "--strategy", "feature_extract", "--epochs", "1", "--output", out, check=True)
-    r = run_train(*SMALL, "--strategy", "feature_extract", "--epochs", "1", "--output", out)
-    assert r.returncode == 2 and "already holds a run" in r.stderr
-    r = run_train("--resume", "--output", tmp_path / "empty")
-    assert r.returncode == 2 and "not found" in r.stderr
-    r = run_train("--resume", "--output", out, "--batch-size", "32")
-    assert r.returncode == 2 and "different options" in r.stderr and "batch_size" in r.stderr
+
+    def stamps():  # every file of the finished run (the lock file aside) and when it was last written
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = stamps()
+    status, err = main_in_process(*SMALL, "--strategy", "feature_extract", "--epochs", "1", "--output", out)
+    assert status == 2 and "already holds a run" in err
+    status, err = main_in_process("--resume", "--output", tmp_path / "empty")
+    assert status == 2 and "not found" in err
+    status, err = main_in_process("--resume", "--output", out, "--batch-size", "32")
+    assert status == 2 and "different options" in err and "batch_size" in err
+    assert stamps() == before  # the finished run is untouched
 
 
 def test_second_run_on_the_same_folder_is_refused(tmp_path):
@@ -155,7 +180,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path):
 
 def test_compiled_steps_are_cached_and_a_rerun_loads_them(tmp_path):
     """The command line turns on JAX's persistent compilation cache inside jaxtl's cache folder."""
-    env = {"JAXTL_CACHE": str(tmp_path / "cache")}
+    env = {"JAXTL_CACHE": str(tmp_path / "cache"), "JAX_COMPILATION_CACHE_DIR": ""}  # not the suite's (conftest)
     args = [*SMALL, "--strategy", "finetune", "--epochs", "1"]
     run_train(*args, "--output", tmp_path / "first", check=True, env=env)
     folders = list((tmp_path / "cache" / "xla").iterdir())

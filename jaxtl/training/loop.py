@@ -469,7 +469,7 @@ class Trainer:
         if cfg.resume:
             step = self.ckpts.latest_step()
             # The record says which stage's optimizer structure the state has.
-            record = self.ckpts.manager.restore(step, args=_record_only())["record"]
+            record = self.ckpts.record(step)
             stage = self.stages[int(record["stage"])]
             template = self.initial_state(stage)
             state, record = self.ckpts.restore(step, abstract_like(template))
@@ -628,7 +628,7 @@ class Trainer:
         export_state = state
         if cfg.export == "best" and self.ckpts.best_step() not in (None, int(state.step)):
             best = self.ckpts.best_step()
-            record = self.ckpts.manager.restore(best, args=_record_only())["record"]
+            record = self.ckpts.record(best)
             template = self.initial_state(self.stages[int(record["stage"])])
             export_state, _ = self.ckpts.restore(best, abstract_like(template))
         final = records[-1] if records else {}
@@ -656,12 +656,6 @@ class Trainer:
             self.log(f"{nonfinite} step(s) with a non-finite loss were skipped (--skip-nonfinite)")
         self.log(f"exported the {cfg.export} model to {path}; curves in {self.out / CURVES_FILE}")
         return TrainResult(self.out, records, state, list(self.skipped), nonfinite)
-
-
-def _record_only():
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(record=ocp.args.JsonRestore())
 
 
 def _has_img_size(spec: BackboneSpec) -> bool:

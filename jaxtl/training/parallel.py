@@ -8,8 +8,12 @@ devices and jitted:
   since pmap went into maintenance): the train state is replicated (``P()``),
   the batch is a global array split along its first axis (``P("data")``).
 * ``pmap``: the same function under ``jax.pmap``; the state goes in and out
-  unreplicated (``in_axes=None`` / ``out_axes=None``) and the batch is
-  reshaped to ``(devices, per_device, ...)``.
+  unmapped (``in_axes=None`` / ``out_axes=None``) and the batch is
+  reshaped to ``(devices, per_device, ...)``. The state is still placed
+  replicated over the same mesh (what pmap's ``out_axes=None`` returns): an
+  uncommitted first state is a different compilation key, and the step was
+  compiled twice, on the first and on the second batch (ResNet-18 at 32 px on
+  2 cores: 8.0 + 7.6 s).
 
 Both run the same per-device program, so they give the same result. One
 device is a mesh of one. shard_map runs with ``check_vma=False``: the step
@@ -115,8 +119,7 @@ class DataParallel:
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
     def replicate(self, tree: Any) -> Any:
-        if self.mapping == "pmap":
-            return tree
+        """The tree on every device (``P()``), as both mappings return the state."""
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
     def unshard_per_example(self, x: Any) -> np.ndarray:
