@@ -62,8 +62,11 @@ def pytest_configure(config):
     base = config._tmp_path_factory.getbasetemp()
     folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
     folder.mkdir(exist_ok=True)
-    settings = {"jax_compilation_cache_dir": str(folder), "jax_persistent_cache_min_compile_time_secs": 0.5,
-                "jax_compilation_cache_max_size": 4 << 30}
+    from jaxtl.compile_cache import MAX_BYTES, MIN_COMPILE_SECONDS  # the command lines' own settings
+
+    settings = {"jax_compilation_cache_dir": str(folder),
+                "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS,
+                "jax_compilation_cache_max_size": MAX_BYTES}
     os.environ.update({k.upper(): str(v) for k, v in settings.items()})  # read by jax when it is imported
     if "jax" in sys.modules:  # imported already: tell it directly
         import jax
