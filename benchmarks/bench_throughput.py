@@ -52,12 +52,15 @@ NUM_CLASSES = 10
 
 
 def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compiled=None,
-              compiler_options: dict | None = None):
+              compiler_options: dict | None = None, devices=None, mapping: str = "shard_map"):
     """Returns (run-once callable, compile seconds, XLA memory bytes).
 
     ``on_compiled`` (optional) is called with the compiled executable
     (profile_step.py reads its optimised HLO); ``compiler_options`` are XLA
-    debug options for this executable alone (same-process A/Bs of XLA options)."""
+    debug options for this executable alone (same-process A/Bs of XLA options).
+    ``devices`` (default: the first device) and ``mapping`` spread the train
+    step's ``batch`` images over several devices (bench_scaling.py); inference
+    always runs on one device."""
     from jaxtl.models import init_variables
     from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
     from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask
@@ -71,7 +74,8 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     variables = init_variables(jaxtl.create_model(name, NUM_CLASSES, **kw), spec, 0)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
-    dp = DataParallel("shard_map", jax.devices()[:1])
+    dp = DataParallel(mapping, devices or jax.devices()[:1])
+    dp.check_batch_size(batch, "batch")
     if mode == "inference":
         fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
         t0 = time.perf_counter()

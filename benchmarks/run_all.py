@@ -25,6 +25,7 @@ SCRIPTS = {
     "end_to_end": HERE / "bench_end_to_end.py",
     "malloc": HERE / "bench_malloc.py",
     "native": HERE / "bench_native.py",
+    "scaling": HERE / "bench_scaling.py",
 }
 
 

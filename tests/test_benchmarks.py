@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,46 @@ def test_profile_step_smoke_run_writes_tables(tmp_path, monkeypatch, capsys):
     # the traced operations were found in the HLO: they carry a shape and the Flax module they came from
     assert any(t["shape"] and t["layer"] != "(no metadata)" for t in payload["top"])
     assert payload["tables"]["layer"] in capsys.readouterr().out
+
+
+def test_scaling_counts_and_efficiency(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_scaling import default_counts, efficiency, parse_counts
+
+    assert default_counts(1) == [1] and default_counts(4) == [1, 2, 4] and default_counts(6) == [1, 2, 4, 6]
+    assert parse_counts("4,1,2,2", 8) == [1, 2, 4] and parse_counts(None, 2) == [1, 2]
+    # perfect scaling is 1.0; 150 img/s on 2 devices against 100 on one is 0.75
+    assert efficiency({1: 100.0, 2: 150.0, 4: 400.0}) == {1: 1.0, 2: 0.75, 4: 1.0}
+    assert efficiency({2: 100.0, 4: 100.0}) == {2: 1.0, 4: 0.5}    # relative to the smallest count
+    with pytest.raises(SystemExit, match="this process has 2 device"):
+        parse_counts("1,4", 2)
+    with pytest.raises(SystemExit, match="comma-separated device counts"):
+        parse_counts("1,two", 2)
+
+
+@pytest.mark.slow
+def test_scaling_smoke_run_on_two_host_devices(tmp_path):
+    """The data-parallel step over 1 and 2 CPU host devices under pmap, global batch fixed (24 s here)."""
+    out = tmp_path / "scaling.json"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scaling.py"), "--host-devices", "2", "--size", "32",
+                        "--mode", "feature_extract", "--mapping", "pmap", "--scaling", "strong", "--global-batch",
+                        "16", "--quick", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=BENCH.parent, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert [(x["devices"], x["batch"]) for x in payload["results"]] == [(1, 16), (2, 16)]
+    one, two = payload["results"]
+    assert one["efficiency"] == 1.0 and one["speedup"] == 1.0
+    assert two["efficiency"] == pytest.approx(two["images_per_s"] / (2 * one["images_per_s"]))
+    assert all(x["images_per_s"] > 0 and x["compile_s"] > 0 for x in payload["results"])
+    assert payload["machine"]["backend"] == "cpu" and len(payload["machine"]["jax_devices"]) == 2
+    assert payload["table"] in r.stdout
+
+
+def test_scaling_refuses_host_devices_twice_before_jax_starts(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scaling.py"), "--host-devices", "4", "--out",
+                        str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+                       env=env)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("--host-devices and XLA_FLAGS")
+    assert "Traceback" not in r.stderr and not (tmp_path / "x.json").exists()

@@ -33,8 +33,11 @@ def test_conv_by_taps_equals_xla_conv(hw, k, stride, padding, dilation):
         loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
         g_taps = jax.grad(loss(taps), argnums=(0, 1))(x, w)
         g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+    # One (taps x C_in) product and XLA's convolution sum in different orders, and sin() passes on the
+    # float32 rounding of outputs up to ~50: gradients agree to 1e-5 of their largest value. For the 7x7
+    # case the product form is the closer of the two to a float64 reference (1.5e-5 against 3.3e-5).
     for a, b in zip(g_taps, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("h,w,k", [(32, 48, 16), (2, 2, 2), (28, 14, 7)])
@@ -234,8 +237,8 @@ def test_batchnorm_train_gradients_equal_textbook_autodiff_and_torch(offset):
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_()
     tbn = torch.nn.BatchNorm2d(8).train()
     with torch.no_grad():
-        tbn.weight.copy_(torch.from_numpy(np.asarray(scale)))
-        tbn.bias.copy_(torch.from_numpy(np.asarray(bias)))
+        tbn.weight.copy_(torch.from_numpy(np.array(scale)))
+        tbn.bias.copy_(torch.from_numpy(np.array(bias)))
     tw = torch.from_numpy(np.asarray(weights).transpose(0, 3, 1, 2).copy())
     (torch.sin(tbn(tx)) * tw).sum().backward()
     for name, g, w in (("x", got[0], tx.grad.numpy().transpose(0, 2, 3, 1)), ("scale", got[1], tbn.weight.grad.numpy()),

@@ -146,23 +146,28 @@ def _materialized(x, kernel):
 
 
 def _conv_by_taps(x, kernel, stride: int, padding: int, dilation: int):
-    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) as per-tap matmuls."""
+    """``lax.conv_general_dilated`` (NHWC, HWIO, symmetric padding) on a tiny map
+    as one matrix product: the kernel's taps side by side along the channels
+    (im2col, cheap on <= TINY_MAP_PIXELS pixels) times the kernel as a
+    (taps x C_in, C_out) matrix.
+
+    One product rather than one per tap summed: ResNet-18's fine-tune step at 32 px
+    (batch 32) 100-109 -> 93-103 ms and its lowering + compile 8.4-8.5 -> 6.8-7.4 s
+    (same-process A/B, 2-core Xeon; jnp.einsum per tap was most of the tracing).
+    """
     n, h, w, cin = x.shape
     kh, kw, _, cout = kernel.shape
     x = _pad_hw(x, padding)
     out_h = output_size(h, kh, stride, padding, dilation)
     out_w = output_size(w, kw, stride, padding, dilation)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dilation, j * dilation
-            window = lax.slice(x, (0, top, left, 0),
-                               (n, top + (out_h - 1) * stride + 1, left + (out_w - 1) * stride + 1, cin),
-                               (1, stride, stride, 1))
-            term = jnp.einsum("nhwc,cd->nhwd", window, kernel[i, j], preferred_element_type=acc)
-            out = term if out is None else out + term
-    return out.astype(x.dtype)
+    windows = [lax.slice(x, (0, i * dilation, j * dilation, 0),
+                         (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, cin),
+                         (1, stride, stride, 1))
+               for i in range(kh) for j in range(kw)]
+    # HWIO flattened is tap-major, input channel minor: the order of the windows above.
+    y = lax.dot_general(lax.concatenate(windows, 3), kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())),
+                        preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
+    return y.astype(x.dtype)
 
 
 def _pointwise_conv(x, kernel, stride: int):
