@@ -56,6 +56,10 @@ def _parse_args(argv=None):
         p.error(f"--host-devices {args.host_devices}: give a count of at least 1")
     if args.per_device_batch < 1:
         p.error(f"--per-device-batch {args.per_device_batch}: give at least 1")
+    if args.global_batch is not None and args.scaling != "strong":
+        p.error("--global-batch fixes the batch for --scaling strong; with weak scaling give --per-device-batch")
+    if args.global_batch is not None and args.global_batch < 1:
+        p.error(f"--global-batch {args.global_batch}: give at least 1")
     return args
 
 

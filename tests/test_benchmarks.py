@@ -148,6 +148,16 @@ def test_scaling_counts_and_efficiency(monkeypatch):
         parse_counts("1,two", 2)
 
 
+def test_scaling_refuses_a_global_batch_without_strong_scaling(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_scaling import _parse_args
+
+    assert _parse_args(["--scaling", "strong", "--global-batch", "64"]).global_batch == 64
+    with pytest.raises(SystemExit):
+        _parse_args(["--global-batch", "64"])
+    assert "--global-batch fixes the batch for --scaling strong" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_scaling_smoke_run_on_two_host_devices(tmp_path):
     """The data-parallel step over 1 and 2 CPU host devices under pmap, global batch fixed (24 s here)."""

@@ -283,3 +283,34 @@ def test_layer_norm_bfloat16_output_and_float32_statistics():
     assert float(np.abs(np.asarray(out, np.float64) - ref).max()) < 0.05
     grad = jax.grad(lambda x: jnp.sum(ln.apply(variables, x).astype(jnp.float32) ** 2))(x)
     assert grad.dtype == jnp.bfloat16 and bool(jnp.isfinite(grad).all())
+
+
+def test_param_helper_initialises_like_flax_and_checks_shapes_without_tracing_the_initialiser():
+    from flax import errors as flax_errors
+
+    from jaxtl.models.layers import param
+
+    traced = []
+
+    def init(key, shape, dtype):
+        traced.append(shape)
+        return jax.random.normal(key, shape, dtype)
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x @ param(self, "w", init, (3, 2), jnp.float32)
+
+    class Flax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("w", init, (3, 2), jnp.float32)
+
+    x = jnp.ones((1, 3))
+    ours, theirs = Ours().init(jax.random.key(1), x), Flax().init(jax.random.key(1), x)
+    np.testing.assert_array_equal(ours["params"]["w"], theirs["params"]["w"])   # same initialiser, same key
+    traced.clear()
+    np.testing.assert_array_equal(Ours().apply(ours, x), Flax().apply(ours, x))
+    assert traced == [(3, 2)]               # only Flax's own param traced the initialiser again
+    with pytest.raises(flax_errors.ScopeParamShapeError, match=r'"w".*\(3, 2\).*\(4, 2\)'):
+        Ours().apply({"params": {"w": jnp.ones((4, 2))}}, x)

@@ -34,7 +34,8 @@ import flax.linen as nn
 import numpy as np
 
 from jaxtl.models.efficientnet import stochastic_depth
-from jaxtl.models.layers import DepthwiseConv, check_rates, conv, dense, gelu_exact, global_avg_pool
+from jaxtl.models.layers import (DepthwiseConv, check_rates, conv, dense, gelu_exact, global_avg_pool,
+                                 param)
 from jaxtl.registry import (
     BackboneSpec,
     Preprocessing,
@@ -85,7 +86,7 @@ class ConvNeXtBlock(nn.Module):
         y = dense(4 * channels, dtype=self.dtype, name="fc1")(y)
         y = gelu_exact(y)
         y = dense(channels, dtype=self.dtype, name="fc2")(y)
-        gamma = self.param("layer_scale", nn.initializers.constant(self.layer_scale_init), (channels,), jnp.float32)
+        gamma = param(self, "layer_scale", nn.initializers.constant(self.layer_scale_init), (channels,), jnp.float32)
         y = y * gamma.astype(y.dtype)
         return x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import errors as flax_errors
 from jax import lax
 
 from jaxtl import native
@@ -31,6 +32,27 @@ Dtype = Any
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def param(module: nn.Module, name: str, init: Callable, shape: tuple, dtype: Any = jnp.float32):
+    """``module.param(name, init, shape, dtype)``, checking an existing parameter's
+    shape against ``shape`` directly.
+
+    Why: in ``apply`` Flax's ``Scope.param`` checks each existing parameter's shape
+    by tracing its initialiser under ``jax.eval_shape``, on every call, and a run
+    traces the model 3-5 times (init, train step, eval step, feature width). The
+    shape is known here, so comparing it costs nothing; a mismatch raises Flax's
+    own error. When initialising, Flax's path runs unchanged. Measured (2-core
+    Xeon, CPU seconds per trace at 32 px, batch 16, median of 6 alternated):
+    forward + backward MobileNetV2 1.06 -> 0.91, ViT-Tiny 0.81 -> 0.53, ResNet-50
+    1.01 -> 0.97; eval forward 0.28 -> 0.19, 0.31 -> 0.19, 0.28 -> 0.15.
+    """
+    if not module.is_initializing() and module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if tuple(jnp.shape(value)) != tuple(shape):
+            raise flax_errors.ScopeParamShapeError(name, module.scope.path_text, tuple(jnp.shape(value)), tuple(shape))
+        return value
+    return module.param(name, init, shape, dtype)
 
 
 class BatchNorm(nn.Module):
@@ -50,8 +72,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool):
         features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        scale = param(self, "scale", self.scale_init, (features,), jnp.float32)
+        bias = param(self, "bias", self.bias_init, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         dtype = self.dtype or x.dtype
@@ -219,7 +241,7 @@ class Conv2d(nn.Module):
         k, cin = self.kernel_size, x.shape[-1]
         if cin % self.groups:
             raise ValueError(f"{cin} input channels are not divisible by groups={self.groups}")
-        kernel = self.param("kernel", self.kernel_init, (k, k, cin // self.groups, self.features), jnp.float32)
+        kernel = param(self, "kernel", self.kernel_init, (k, k, cin // self.groups, self.features), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         out_h = output_size(x.shape[1], k, self.stride, self.padding, self.dilation)
         out_w = output_size(x.shape[2], k, self.stride, self.padding, self.dilation)
@@ -240,7 +262,7 @@ class Conv2d(nn.Module):
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                          feature_group_count=self.groups)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+            y = y + param(self, "bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
         return y
 
 
@@ -273,8 +295,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = param(self, "bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
         lead = x.shape[:-1]
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
         if bias is not None:
@@ -343,8 +365,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (width,), jnp.float32)
+        bias = param(self, "bias", nn.initializers.zeros, (width,), jnp.float32)
         return layer_norm(x.astype(jnp.float32), scale, bias, float(self.epsilon)).astype(self.dtype)
 
 
@@ -763,11 +785,11 @@ class DepthwiseConv(nn.Module):
     def __call__(self, x):
         channels = x.shape[-1]
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
+        kernel = param(self, "kernel", self.kernel_init, (k, k, 1, channels), jnp.float32)
         padding = pad_same_symmetric(k, self.dilation) if self.padding is None else self.padding
         y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, padding, self.dilation,
                            self.impl)
         if self.use_bias:
-            bias = self.param("bias", self.bias_init, (channels,), jnp.float32)
+            bias = param(self, "bias", self.bias_init, (channels,), jnp.float32)
             y = y + bias.astype(self.dtype)
         return y

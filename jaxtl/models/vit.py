@@ -30,7 +30,8 @@ import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import LayerNorm, check_rates, conv, dense, gelu_exact, multi_head_attention
+from jaxtl.models.layers import (LayerNorm, check_rates, conv, dense, gelu_exact, multi_head_attention,
+                                 param)
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -335,8 +336,8 @@ class VisionTransformer(nn.Module):
         x = conv(width, self.patch_size, self.patch_size, 0, use_bias=True, dtype=self.dtype,
                  name="patch_embed")(x)
         x = x.reshape(batch, self.grid_size ** 2, width)
-        cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, width), jnp.float32)
-        pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, tokens, width),
+        cls_token = param(self, "cls_token", nn.initializers.normal(1e-6), (1, 1, width), jnp.float32)
+        pos_embed = param(self, "pos_embed", nn.initializers.truncated_normal(0.02), (1, tokens, width),
                                jnp.float32)
         # Class token first, then the position embedding over all N + 1 tokens.
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)), x], axis=1)
