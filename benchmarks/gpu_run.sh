@@ -23,8 +23,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ "${QUICK:-0}" = 1 ]; then SIZE=32; TIMING=--quick; else SIZE=224; TIMING="--rounds 3 --repeats 5"; fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/gpu.txt"
-$PY -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())" \
-    >>"$OUT/gpu.txt" 2>&1
+# jaxtl and the libraries it needs import there (its jax may be newer than the one tested here)
+if ! $PY -c "import jaxtl, jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())" \
+    >>"$OUT/gpu.txt" 2>&1; then
+    echo "gpu_run.sh: jaxtl, jax or torch does not import with $PY (see $OUT/gpu.txt)" >&2; exit 1
+fi
 
 failed=0
 part() {  # part NAME SCRIPT ARGS...: run one benchmark, its log and JSON into OUT
