@@ -5,7 +5,7 @@ The step is the one ``python -m jaxtl.train`` runs (``make_train_step`` under
 and timed in alternating rounds, so that the machine's noise hits every count
 alike. Two ways to scale:
 
-* ``weak`` (default): each device keeps ``--per-device-batch`` images, so the
+* ``weak`` (default): each device keeps ``--batch`` images, so the
   global batch grows with the devices - how data parallelism is used to train
   faster per epoch;
 * ``strong``: the global batch ``--global-batch`` stays fixed and is split.
@@ -32,6 +32,8 @@ import sys
 
 
 def _parse_args(argv=None):
+    from common import add_timing_args, parse_timing_args  # no JAX import: --host-devices still applies
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--size", type=int, default=128)
@@ -39,25 +41,20 @@ def _parse_args(argv=None):
     p.add_argument("--mapping", choices=["shard_map", "pmap"], default="shard_map")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--scaling", choices=["weak", "strong"], default="weak")
-    p.add_argument("--per-device-batch", type=int, default=32, help="images per device (weak scaling)")
     p.add_argument("--global-batch", type=int, default=None,
-                   help="images per step over all devices (strong scaling; default per-device batch x most devices)")
+                   help="images per step over all devices (strong scaling; default --batch x most devices)")
     p.add_argument("--devices", default=None,
                    help="comma-separated device counts to compare (default 1, 2, 4, ... and the number of devices)")
     p.add_argument("--host-devices", type=int, default=None,
                    help="CPU only: split the processor into this many XLA devices (must be set before JAX starts)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="one round of one repeat (a smoke run)")
-    p.add_argument("--out", default="scaling.json",
-                   help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
-    args = p.parse_args(argv)
+    add_timing_args(p, "scaling.json", rounds=3, batch_help="images per device (weak scaling)")
+    args = parse_timing_args(p, "scaling.json", argv)
     if args.host_devices is not None and args.host_devices < 1:
         p.error(f"--host-devices {args.host_devices}: give a count of at least 1")
-    if args.per_device_batch < 1:
-        p.error(f"--per-device-batch {args.per_device_batch}: give at least 1")
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: give at least 1")
     if args.global_batch is not None and args.scaling != "strong":
-        p.error("--global-batch fixes the batch for --scaling strong; with weak scaling give --per-device-batch")
+        p.error("--global-batch fixes the batch for --scaling strong; with weak scaling give --batch (per device)")
     if args.global_batch is not None and args.global_batch < 1:
         p.error(f"--global-batch {args.global_batch}: give at least 1")
     return args
@@ -97,8 +94,6 @@ def efficiency(images_per_s: dict[int, float]) -> dict[int, float]:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if args.quick:
-        args.rounds, args.repeats = 1, 1
     if args.host_devices is not None:
         if "jax" in sys.modules:
             raise SystemExit("--host-devices must be set before JAX starts; run the script as its own process")
@@ -108,11 +103,7 @@ def main(argv=None) -> int:
                              "use one")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.host_devices}".strip()
 
-    from common import alternate, log, machine, markdown_table, median, out_name, peak_rss_mib, write_json, \
-        results_path
-
-    args.out = out_name(args.out, "scaling.json", args.quick)
-    results_path(args.out)  # a bad --out fails now, not after the measuring
+    from common import alternate, log, machine, markdown_table, median, peak_rss_mib, write_json
 
     import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
     import jax
@@ -126,9 +117,9 @@ def main(argv=None) -> int:
     devices = jax.local_devices()
     counts = parse_counts(args.devices, len(devices))
     if args.scaling == "weak":
-        batches = {n: args.per_device_batch * n for n in counts}
+        batches = {n: args.batch * n for n in counts}
     else:
-        global_batch = args.global_batch or args.per_device_batch * max(counts)
+        global_batch = args.global_batch or args.batch * max(counts)
         bad = [n for n in counts if global_batch % n]
         if bad:
             raise SystemExit(f"--global-batch {global_batch} is not divisible by {bad[0]} devices; "

@@ -136,9 +136,9 @@ def out_name(given: str, default: str, quick: bool) -> str:
     return default.replace(".json", "_quick.json") if quick and given == default else given
 
 
-def add_timing_args(parser, default_out: str, rounds: int) -> None:
+def add_timing_args(parser, default_out: str, rounds: int, batch_help: str = "images per step") -> None:
     """--batch, --rounds, --repeats, --quick and --out, as every step benchmark takes them."""
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help=batch_help)
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round of one repeat (a smoke run)")
@@ -146,10 +146,10 @@ def add_timing_args(parser, default_out: str, rounds: int) -> None:
                         help="JSON file: a bare name goes into benchmarks/results/, a path is used as given")
 
 
-def parse_timing_args(parser, default_out: str):
+def parse_timing_args(parser, default_out: str, argv=None):
     """Parse; ``--quick`` means one round of one repeat and its own output name; a bad
     ``--out`` fails here, before any measuring."""
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.repeats = 1, 1
     args.out = out_name(args.out, default_out, args.quick)

@@ -48,6 +48,9 @@ def test_state_round_trips_bit_identical_with_the_optimizer_tree(tmp_path):
     restored, got = ckpts.restore(2, abstract_like(_state(seed=1)))  # same structure, other values
     _assert_same(restored, state)
     assert got == record and ckpts.record(2)[OPT_LAYOUT_KEY] == "leaves"
+    again, got = ckpts.restore(2, abstract_like(state), ckpts.record(2))  # the record read once by the caller
+    _assert_same(again, state)
+    assert got == record
     # what is stored: the optimizer's arrays, not one node per (label, parameter) pair
     stored = ocp.StandardCheckpointer().metadata(tmp_path / "checkpoints" / "2" / "state").item_metadata
     arrays = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "shape")]

@@ -65,14 +65,28 @@ def test_default_job_runs_offline_and_exports(tmp_path):
     assert str(img) in p.stdout and p.stdout.count("(class") == 3
 
 
-def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """``jaxtl.train.main`` in this process: (exit status, stderr) of one command line.
+
+    For refusals that come before training; a subprocess per case costs ~4 s of start-up.
+    """
     from jaxtl.compile_cache import OPT_OUT
     from jaxtl.train import main
 
-    # In this process (a subprocess per case cost ~4 s of interpreter and JAX start-up each); the
-    # same main() that `python -m jaxtl.train` calls, its exit status and everything it prints.
     monkeypatch.setenv(OPT_OUT, "1")  # main() must not switch this test process's JAX cache on
 
+    def run(*args):
+        capsys.readouterr()
+        status = main([*map(str, args)])
+        return status, capsys.readouterr().err
+
+    return run
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, main_in_process):
+    # In this process: the same main() that `python -m jaxtl.train` calls, its exit status and
+    # everything it prints; the real command line once at the end.
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the flags were refused")
 
@@ -94,39 +108,19 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     ]
     for number, (args, message) in enumerate(cases):
         out = tmp_path / f"case{number}"
-        status = main([*args, "--output", str(out)])
-        err = capsys.readouterr().err
+        status, err = main_in_process(*args, "--output", out)
         assert status == 2, (args, err)
         assert message in err, (args, err)
         assert err.startswith("python -m jaxtl.train: error: "), err
         assert err.strip().count("\n") == 0, err  # one line, no traceback
         assert not out.exists(), args              # refused before anything was written
     with pytest.raises(SystemExit) as refused:    # argparse's own refusal: its usage, then the error
-        main(["--sched", "linear"])
+        main_in_process("--sched", "linear")
     assert refused.value.code == 2 and "invalid choice: 'linear'" in capsys.readouterr().err
     # and through the real command line: exit status 2 and one line on stderr
     r = run_train("--epochs", "0", "--output", tmp_path / "cli")
     assert r.returncode == 2 and r.stderr.strip() == "python -m jaxtl.train: error: --epochs must be >= 1, got 0"
     assert not (tmp_path / "cli").exists()
-
-
-@pytest.fixture
-def main_in_process(monkeypatch, capsys):
-    """``jaxtl.train.main`` in this process: (exit status, stderr) of one command line.
-
-    For refusals that come before training; a subprocess per case costs ~4 s of start-up.
-    """
-    from jaxtl.compile_cache import OPT_OUT
-    from jaxtl.train import main
-
-    monkeypatch.setenv(OPT_OUT, "1")  # main() must not switch this test process's JAX cache on
-
-    def run(*args):
-        capsys.readouterr()
-        status = main([*map(str, args)])
-        return status, capsys.readouterr().err
-
-    return run
 
 
 def test_resnet50_without_weights_stops_before_training_with_instructions(tmp_path, main_in_process):
@@ -214,3 +208,4 @@ def test_compile_cache_respects_the_opt_out_and_the_users_own_setting(monkeypatc
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
     assert not (tmp_path / "xla").exists()
+

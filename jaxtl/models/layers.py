@@ -42,12 +42,12 @@ def param(module: nn.Module, name: str, init: Callable, shape: tuple, dtype: Any
     by tracing its initialiser under ``jax.eval_shape``, on every call, and a run
     traces the model 3-5 times (init, train step, eval step, feature width). The
     shape is known here, so comparing it costs nothing; a mismatch raises Flax's
-    own error. When initialising, Flax's path runs unchanged. Measured (2-core
+    own error. A new parameter goes through Flax's path unchanged. Measured (2-core
     Xeon, CPU seconds per trace at 32 px, batch 16, median of 6 alternated):
     forward + backward MobileNetV2 1.06 -> 0.91, ViT-Tiny 0.81 -> 0.53, ResNet-50
     1.01 -> 0.97; eval forward 0.28 -> 0.19, 0.31 -> 0.19, 0.28 -> 0.15.
     """
-    if not module.is_initializing() and module.has_variable("params", name):
+    if module.has_variable("params", name):
         value = module.get_variable("params", name)
         if tuple(jnp.shape(value)) != tuple(shape):
             raise flax_errors.ScopeParamShapeError(name, module.scope.path_text, tuple(jnp.shape(value)), tuple(shape))

@@ -114,9 +114,7 @@ class Checkpoints:
 
     def save(self, step: int, state: Any, record: dict, metrics: dict | None = None) -> None:
         """Save synchronously; raises CheckpointError (previous checkpoints intact) on failure."""
-        compact = hasattr(state, "opt_state")
-        if compact:
-            state, record = _compact(state), {**record, OPT_LAYOUT_KEY: OPT_LAYOUT_LEAVES}
+        state, record = _compact(state), {**record, OPT_LAYOUT_KEY: OPT_LAYOUT_LEAVES}
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             record=ocp.args.JsonSave(record)),
@@ -134,9 +132,11 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - orbax raises many types for bad folders
             raise self._unreadable(step, e) from None
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """The state of checkpoint ``step`` in the structure (and shardings) of ``abstract_state``."""
-        record = self.record(step)  # read once: it says how the state was stored
+    def restore(self, step: int, abstract_state: Any, record: dict | None = None) -> tuple[Any, dict]:
+        """The state of checkpoint ``step`` in the structure (and shardings) of ``abstract_state``,
+        and its record (``record``: the one :meth:`record` returned, so that it is read once)."""
+        if record is None:
+            record = self.record(step)  # it says how the state was stored
         compact = record.get(OPT_LAYOUT_KEY) == OPT_LAYOUT_LEAVES
         target = _compact(abstract_state) if compact else abstract_state
         try:

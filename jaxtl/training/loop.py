@@ -472,7 +472,7 @@ class Trainer:
             record = self.ckpts.record(step)
             stage = self.stages[int(record["stage"])]
             template = self.initial_state(stage)
-            state, record = self.ckpts.restore(step, abstract_like(template))
+            state, record = self.ckpts.restore(step, abstract_like(template), record)
             start_epoch, start_batch = int(record["epoch"]), int(record["batch"])
             partial_sums, nonfinite = record.get("partial"), int(record.get("nonfinite_skipped", 0))
             records = metrics_log.keep_before(start_epoch)
@@ -630,7 +630,7 @@ class Trainer:
             best = self.ckpts.best_step()
             record = self.ckpts.record(best)
             template = self.initial_state(self.stages[int(record["stage"])])
-            export_state, _ = self.ckpts.restore(best, abstract_like(template))
+            export_state, _ = self.ckpts.restore(best, abstract_like(template), record)
         final = records[-1] if records else {}
         params = {k: v for k, v in export_state.params.items() if k != DOMAIN_KEY}  # DANN's adversary stays behind
         variables = jax.device_get({"params": params, "batch_stats": export_state.batch_stats})
