@@ -209,3 +209,32 @@ def test_compile_cache_respects_the_opt_out_and_the_users_own_setting(monkeypatc
         jax.config.update("jax_compilation_cache_dir", before)
     assert not (tmp_path / "xla").exists()
 
+
+def test_export_best_exports_the_best_checkpoint_not_the_last_state(tmp_path):
+    """--export best restores the best epoch's checkpoint (read through its record) and exports it."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "best"
+    # A learning rate that ramps up to divergence: validation top-1 is best before the last epoch
+    # (the run is bit-identical on a CPU; the assertion below says so if that ever changes).
+    run_train(*SMALL, "--lr", "3", "--sched", "constant", "--warmup-epochs", "3", "--strategy", "finetune",
+              "--epochs", "3", "--export", "best", "--output", out, check=True)  # the last --lr counts
+    from jaxtl.training.checkpoint import Checkpoints
+
+    tops = [r["val_top1"] for r in records(out)]
+    ckpts = Checkpoints(out / "checkpoints")
+    best_step, last_step = ckpts.best_step(), ckpts.latest_step()
+    ckpts.close()
+    assert last_step == 36 and best_step is not None, (best_step, last_step)  # 12 steps per epoch
+    # the precondition, checked rather than assumed: the best epoch is not the last one
+    assert best_step < last_step and tops[best_step // 12 - 1] == max(tops) > tops[-1], (best_step, tops)
+    exported = flat_variables(out)
+    stored = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(best_step) / "state").resolve())
+    for key, value in traverse_util.flatten_dict({"params": stored["params"],
+                                                  "batch_stats": stored["batch_stats"]}, sep="/").items():
+        assert np.array_equal(exported[key], value), key
+    last = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(last_step) / "state").resolve())
+    head = jaxtl.get_spec("resnet18").head_path
+    last_head = traverse_util.flatten_dict(last["params"], sep="/")["/".join((*head, "kernel"))]
+    assert not np.array_equal(exported["/".join(("params", *head, "kernel"))], last_head)  # not the last state
+    assert json.loads((out / "meta.json").read_text())["training"]["exported"] == "best"

@@ -99,8 +99,12 @@ class Checkpoints:
             cm.LatestN(n=max(keep, 1)),
             cm.BestN(get_metric_fn=_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
-                                               create=True, cleanup_tmp_directories=True)
+        # best_fn too: without it orbax's best_step() is the latest step (the preservation policy alone
+        # keeps the best checkpoint on disk but does not name it), so --export best exported the last
+        # state; with it the metrics are stored beside each checkpoint and survive --resume.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_metric, best_mode="max",
+                                               enable_async_checkpointing=False, create=True,
+                                               cleanup_tmp_directories=True)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:

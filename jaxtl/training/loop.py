@@ -44,7 +44,7 @@ from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
 from jaxtl.strategies import (DOMAIN_KEY, Stage, Strategy, all_labels, check_label_tree, label_tree,
                               trainable_mask)
-from jaxtl.training.checkpoint import Checkpoints, RunLock, abstract_like
+from jaxtl.training.checkpoint import Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
                                    plot_confusion, plot_curves)
@@ -431,8 +431,17 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------
 
     def initial_state(self, stage: Stage) -> TrainState:
+        return self.dp.replicate(self._new_state(self.variables, stage))
+
+    def abstract_state(self, stage: Stage) -> TrainState:
+        """Shapes, dtypes and shardings of ``stage``'s train state, the target a checkpoint restores
+        into. No arrays are made or read: after the first step the initial variables' buffers belong
+        to the train step (donated), so building a real state then failed ("Array has been deleted")."""
+        return self.dp.abstract_replicated(jax.eval_shape(lambda v: self._new_state(v, stage), self.variables))
+
+    def _new_state(self, variables, stage: Stage) -> TrainState:
         _, tx, _ = self.compiled(stage)
-        return self.dp.replicate(create_train_state(self.variables, tx, self.cfg.seed, plateau_init(self.cfg.optim)))
+        return create_train_state(variables, tx, self.cfg.seed, plateau_init(self.cfg.optim))
 
     def evaluate(self, state: TrainState, loader=None) -> dict:
         """Loss, top-1, top-5 and predictions on a validation loader (default: the source's)."""
@@ -471,8 +480,7 @@ class Trainer:
             # The record says which stage's optimizer structure the state has.
             record = self.ckpts.record(step)
             stage = self.stages[int(record["stage"])]
-            template = self.initial_state(stage)
-            state, record = self.ckpts.restore(step, abstract_like(template), record)
+            state, record = self.ckpts.restore(step, self.abstract_state(stage), record)
             start_epoch, start_batch = int(record["epoch"]), int(record["batch"])
             partial_sums, nonfinite = record.get("partial"), int(record.get("nonfinite_skipped", 0))
             records = metrics_log.keep_before(start_epoch)
@@ -629,8 +637,7 @@ class Trainer:
         if cfg.export == "best" and self.ckpts.best_step() not in (None, int(state.step)):
             best = self.ckpts.best_step()
             record = self.ckpts.record(best)
-            template = self.initial_state(self.stages[int(record["stage"])])
-            export_state, _ = self.ckpts.restore(best, abstract_like(template), record)
+            export_state, _ = self.ckpts.restore(best, self.abstract_state(self.stages[int(record["stage"])]), record)
         final = records[-1] if records else {}
         params = {k: v for k, v in export_state.params.items() if k != DOMAIN_KEY}  # DANN's adversary stays behind
         variables = jax.device_get({"params": params, "batch_stats": export_state.batch_stats})

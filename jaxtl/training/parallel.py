@@ -122,6 +122,12 @@ class DataParallel:
         """The tree on every device (``P()``), as both mappings return the state."""
         return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
+    def abstract_replicated(self, shapes: Any) -> Any:
+        """What :meth:`replicate` would give for a tree of shapes (``jax.eval_shape``'s output),
+        without arrays: the target a checkpoint restores into."""
+        sharding = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
     def unshard_per_example(self, x: Any) -> np.ndarray:
         """Per-example outputs back to one host array in batch order."""
         x = np.asarray(jax.device_get(x) if jax.process_count() == 1 else
