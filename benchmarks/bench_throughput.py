@@ -63,7 +63,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     always runs on one device."""
     from jaxtl.models import init_variables
     from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
-    from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask
+    from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, trainable_labels
     from jaxtl.training.parallel import AXIS, DataParallel
     from jaxtl.training.state import create_train_state
     from jaxtl.training.step import image_forward, make_train_step
@@ -87,23 +87,25 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
 
     strategy = Strategy("finetune", backbone_lr_mult=1.0) if mode == "finetune" else Strategy("feature_extract")
     frozen = strategy.frozen_groups(spec)
-    labels = label_tree(spec, variables["params"], frozen)
+    labels = trainable_labels(label_tree(spec, variables["params"], frozen))
+    trainable, constants = split_variables(spec, variables, frozen)
     cfg = OptimConfig(opt="sgd", lr=0.01, momentum=0.9, sched="constant")
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 100, 1)
     step = make_train_step(image_forward(model, frozen=frozen, prepare=lambda key, images: images), tx,
-                           trainable=trainable_mask(labels), num_classes=NUM_CLASSES, axis_name=AXIS)
+                           num_classes=NUM_CLASSES, axis_name=AXIS)
     mapped = dp.train_step(step, donate=True)
     batch_dict = dp.put_batch({"image": np.asarray(x), "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
                                "weight": np.ones(batch, np.float32)})
-    holder = {"state": dp.replicate(create_train_state(variables, tx, 0, plateau_init(cfg)))}
+    holder = {"state": dp.replicate(create_train_state(trainable, tx, 0, plateau_init(cfg)))}
+    constants = dp.replicate(constants)
     t0 = time.perf_counter()
-    compiled = mapped.lower(holder["state"], batch_dict).compile(compiler_options=compiler_options)
+    compiled = mapped.lower(holder["state"], constants, batch_dict).compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
     if on_compiled is not None:
         on_compiled(compiled)
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], batch_dict)
+        holder["state"], metrics = compiled(holder["state"], constants, batch_dict)
         metrics["loss_sum"].block_until_ready()
 
     return run, compile_s, _xla_bytes(compiled)

@@ -26,6 +26,7 @@ SCRIPTS = {
     "malloc": HERE / "bench_malloc.py",
     "native": HERE / "bench_native.py",
     "scaling": HERE / "bench_scaling.py",
+    "frozen": HERE / "bench_frozen.py",
 }
 
 

@@ -85,8 +85,10 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | N
             if key in arrays:
                 raise ConversionError(f"{key} has shape {tuple(arrays[key].shape)}, which is not a classifier "
                                       f"weight; is it a checkpoint of {spec.name}?")
+            _refuse_other_architecture(spec, src, arrays, ignored, model_kwargs)
             raise ConversionError(f"the {src.name} checkpoint for {spec.name} has no classifier ({key} is missing); "
-                                  "pass head='new' and num_classes=N to start a new head")
+                                  "in Python pass head='new' and num_classes=N to start a new head; the command "
+                                  "lines need a checkpoint with its classifier")
         if num_classes is not None and num_classes != ckpt_classes:
             raise ConversionError(f"the checkpoint's head has {ckpt_classes} classes but num_classes={num_classes}; "
                                   "pass head='new' to replace the head with a freshly initialised one")
@@ -137,6 +139,23 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | N
     if new_head:
         out.update(init_head({p: shapes[p] for p in new_head}, seed))
     return traverse_util.unflatten_dict(out)
+
+
+def _refuse_other_architecture(spec: BackboneSpec, src: SourceSpec, arrays: Mapping[str, Any], ignored: set,
+                               model_kwargs: dict) -> None:
+    """A file whose keys mostly do not fit ``spec`` is another architecture's, whatever else is wrong
+    with it: say that, not that its classifier is missing."""
+    shapes = traverse_util.flatten_dict(abstract_variables(create_model(spec.name, 1000, source=src.name,
+                                                                        **model_kwargs), spec))
+    heads = head_keys(spec, src, shapes)
+    expected = {_ref(src, p)[0] for p in shapes if p not in heads}
+    missing = expected - set(arrays)
+    if len(missing) * 2 > len(expected):
+        unexpected = set(arrays) - expected - ignored - set(heads.values())
+        raise ConversionError(f"cannot load this state dict into {spec.name} ({src.name} names): "
+                              f"{len(missing)} of its {len(expected)} keys are missing ({_list(sorted(missing), 2)}) "
+                              f"and {len(unexpected)} are unexpected ({_list(sorted(unexpected), 2)}); is it a "
+                              "checkpoint of another architecture? Pass the --backbone it was saved from")
 
 
 def _torch_like_shape(shape, path) -> tuple:

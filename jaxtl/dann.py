@@ -16,7 +16,7 @@ are dropped from the exported model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,9 +26,11 @@ from jax import lax
 
 from jaxtl.models.layers import dense
 from jaxtl.strategies import DOMAIN_KEY
-from jaxtl.training.state import TrainState
-from jaxtl.training.step import Prepare, cross_entropy, stop_frozen_gradients
+from jaxtl.training.state import TrainState, merge, select_like
+from jaxtl.training.step import (TRAIN_METRICS, Prepare, apply_gradients, cross_entropy, head_logits, head_params,
+                                 step_key)
 
+DANN_METRICS = (*TRAIN_METRICS, "domain_loss_sum", "domain_correct", "domain_count", "lambda")
 
 
 @jax.custom_vjp
@@ -76,19 +78,12 @@ def split_params(params: dict) -> tuple[dict, dict]:
     return model, params[DOMAIN_KEY]
 
 
-def _head_logits(head: dict, features, key, drop_rate: float, train: bool):
-    x = features.astype(jnp.float32)
-    if train and drop_rate > 0:
-        keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
-    return x @ head["kernel"] + head.get("bias", 0.0)
-
-
-def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[str], trainable: Any,
+def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[str],
                    head_path: Sequence[str], num_classes: int, prepare: Prepare, total_steps: int,
                    domain_weight: float = 1.0, drop_rate: float = 0.0, label_smoothing: float = 0.0,
                    hidden: int = 256, separate_bn: bool = False, axis_name: str | None = None) -> Callable:
-    """Per-device step on a source batch (labelled) and a target batch (unlabelled).
+    """Per-device step ``(state, frozen variables, batch) -> (state, metrics)`` on a source batch
+    (labelled) and a target batch (unlabelled).
 
     ``batch = {"image", "label", "weight", "target_image", "target_weight"}``.
     The label loss uses the source images only, the domain loss both. Source
@@ -106,10 +101,8 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
     def _psum(x):
         return lax.psum(x, axis_name) if axis_name else x
 
-    def step(state: TrainState, batch: dict):
-        key = jax.random.fold_in(state.key, state.step)
-        if axis_name:
-            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    def step(state: TrainState, frozen_variables: dict, batch: dict):
+        key = step_key(state, axis_name)
         k_src, k_tgt, k_drop, k_head = jax.random.split(key, 4)
         src = prepare(k_src, batch["image"])
         tgt = prepare(k_tgt, batch["target_image"])
@@ -121,43 +114,34 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
         lam = ganin_lambda(state.step.astype(jnp.float32) / max(total_steps, 1))
 
         def loss_fn(params):
-            params = stop_frozen_gradients(params, trainable)
             model_params, dom_params = split_params(params)
+            variables = merge(frozen_variables, {"params": model_params, "batch_stats": state.batch_stats})
 
             def features(images, batch_stats, key):
-                return model.apply({"params": model_params, "batch_stats": batch_stats}, images, train=True,
+                return model.apply({"params": variables["params"], "batch_stats": batch_stats}, images, train=True,
                                    frozen=frozen, features_only=True, mutable=["batch_stats"], rngs={"dropout": key})
 
             if separate_bn:
                 k_drop_src, k_drop_tgt = jax.random.split(k_drop)
-                f_src, updates = features(src, state.batch_stats, k_drop_src)
-                f_tgt, updates = features(tgt, updates.get("batch_stats", state.batch_stats), k_drop_tgt)
+                f_src, updates = features(src, variables["batch_stats"], k_drop_src)
+                f_tgt, updates = features(tgt, updates.get("batch_stats", variables["batch_stats"]), k_drop_tgt)
                 feats = jnp.concatenate([f_src, f_tgt])
             else:
-                feats, updates = features(jnp.concatenate([src, tgt]), state.batch_stats, k_drop)
-            head = model_params
-            for name in head_path:
-                head = head[name]
-            logits = _head_logits(head, feats[:n_src], k_head, drop_rate, True)
+                feats, updates = features(jnp.concatenate([src, tgt]), variables["batch_stats"], k_drop)
+            logits = head_logits(head_params(variables["params"], head_path), feats[:n_src], k_head, drop_rate)
             label_loss = jnp.sum(cross_entropy(logits, labels, num_classes, label_smoothing) * w_src) / total_src
             dom_logits = domain_clf.apply({"params": dom_params}, grad_reverse(feats.astype(jnp.float32), lam))
             is_target = jnp.concatenate([jnp.zeros(n_src), jnp.ones(feats.shape[0] - n_src)])
             w_dom = jnp.concatenate([w_src, w_tgt])
             dom_loss = jnp.sum(optax.sigmoid_binary_cross_entropy(dom_logits, is_target) * w_dom) / total_dom
             dom_correct = jnp.sum(((dom_logits > 0) == (is_target > 0.5)) * w_dom)
-            return label_loss + domain_weight * dom_loss, (logits, updates, label_loss, dom_loss, dom_correct)
+            batch_stats = select_like(updates.get("batch_stats", variables["batch_stats"]), state.batch_stats)
+            return label_loss + domain_weight * dom_loss, (logits, batch_stats, label_loss, dom_loss, dom_correct)
 
-        (loss, (logits, updates, label_loss, dom_loss, dom_correct)), grads = jax.value_and_grad(
+        (loss, (logits, batch_stats, label_loss, dom_loss, dom_correct)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
-        grads = _psum(grads)
-        loss, label_loss, dom_loss = _psum(loss), _psum(label_loss), _psum(dom_loss)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        opt_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), opt_updates)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, opt_updates),
-                            batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+        new, loss, grad_norm, finite = apply_gradients(state, grads, loss, batch_stats, tx, axis_name)
+        label_loss, dom_loss = _psum(label_loss), _psum(dom_loss)
         correct = _psum(jnp.sum((jnp.argmax(logits, -1) == labels) * w_src))
         metrics = {"loss_sum": label_loss * total_src, "correct": correct, "count": total_src,
                    "domain_loss_sum": dom_loss * total_dom, "domain_correct": _psum(dom_correct),

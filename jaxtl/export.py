@@ -27,11 +27,28 @@ MODEL_FILE = "model.msgpack"
 META_FILE = "meta.json"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask), not the
+    0600 of the temporary file it is written as."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -52,15 +69,26 @@ def save_model(directory: str | Path, variables: Mapping[str, Any], meta: Mappin
         if key not in meta:
             raise ValueError(f"meta needs {key!r}")
     directory = Path(directory)
-    meta = {"format": FORMAT, **meta}
-    payload = {"meta": json.dumps(meta), "variables": to_numpy_tree(dict(variables))}
+    write_variables_file(directory / MODEL_FILE, variables, meta)
     try:
-        atomic_write_bytes(directory / MODEL_FILE, serialization.msgpack_serialize(payload))
-        atomic_write_bytes(directory / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write_bytes(directory / META_FILE, (json.dumps({"format": FORMAT, **meta}, indent=2) + "\n").encode())
     except OSError as e:
         raise CheckpointError(f"cannot write the model to {directory}: {e.strerror or e}; "
                               "check free space and permissions") from None
     return directory / MODEL_FILE
+
+
+def write_variables_file(path: Path, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Variables and a little metadata in one file, written atomically (:func:`read_model_file` reads it)."""
+    payload = {"meta": json.dumps({"format": FORMAT, **meta}), "variables": to_numpy_tree(dict(variables))}
+    try:
+        atomic_write_bytes(Path(path), serialization.msgpack_serialize(payload))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; check free space and permissions") from None
+
+
+def read_variables_file(path: Path) -> dict:
+    return read_model_file(Path(path))[0]
 
 
 def read_model_file(path: Path) -> tuple[dict, dict]:

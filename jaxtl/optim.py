@@ -7,12 +7,15 @@ The optimizer is::
           scale_by_learning_rate(schedule))            # one global step count
     wrapped in MultiSteps when gradients are accumulated
 
-``per_label`` is ``set_to_zero()`` for the ``"frozen"`` label (no update, no
-state) and otherwise the optimizer's direction (momentum trace, Adam moments),
+``labels`` labels the trainable parameters (``strategies.trainable_labels``):
+frozen parameters are not in the train state, so the optimizer never sees
+them. ``per_label`` is the optimizer's direction (momentum trace, Adam moments),
 weight decay where the label allows it, and ``scale(multiplier)`` of the
-label's group. Because the schedule sits outside the partition and counts
-global steps, a group unfrozen in the middle of training joins the schedule
-where it is, instead of starting its own warm-up from step 0.
+label's group; the ``"frozen"`` label, which only a whole-model tree carries
+(checkpoints of older runs), is ``set_to_zero()`` (no update, no state).
+Because the schedule sits outside the partition and counts global steps, a
+group unfrozen in the middle of training joins the schedule where it is,
+instead of starting its own warm-up from step 0.
 
 Reduce-on-plateau is not a per-step schedule: ``optax.contrib.reduce_on_plateau``
 is fed the validation loss once per epoch (:func:`plateau_update`) and the
@@ -182,30 +185,38 @@ def _label_sets(labels: Any) -> dict[str, frozenset]:
 def carry_over(old_state: Any, new_state: Any, old_labels: Any, new_labels: Any) -> Any:
     """Optimizer state for a new stage: what stays valid is kept, the rest is fresh.
 
-    ``new_state`` is ``tx_new.init(params)``. In every partition, a label whose
-    set of parameters is unchanged keeps its old state (momentum, Adam moments,
-    counts); a label that gained parameters (a group just unfrozen) starts from
-    the fresh state. Everything outside the partition (the global step count of
-    the schedule, MultiSteps' counters) is carried over.
+    ``new_state`` is ``tx_new.init(trainable params)``; the new stage trains more
+    parameters, so its trees are larger. In every partition, a label whose set of
+    parameters is unchanged keeps its old state (momentum, Adam moments, counts:
+    the same arrays, placed in the new tree); a label that gained parameters (a
+    group just unfrozen) starts from the fresh state. Everything outside the
+    partition (the global step count of the schedule, MultiSteps' counters and
+    accumulated gradients of parameters already training) is carried over.
     """
     old_sets, new_sets = _label_sets(old_labels), _label_sets(new_labels)
+
+    def same_arrays(old, new) -> bool:
+        a, b = jax.tree.leaves(old), jax.tree.leaves(new)
+        return len(a) == len(b) and all(jnp.shape(x) == jnp.shape(y) for x, y in zip(a, b))
 
     def merge(old, new):
         if isinstance(new, optax.PartitionState):
             inner = {}
             for label, fresh in new.inner_states.items():
+                kept = old.inner_states.get(label)
                 same = old_sets.get(label, frozenset()) == new_sets.get(label, frozenset())
-                inner[label] = old.inner_states[label] if same else fresh
+                if same and kept is not None and same_arrays(kept, fresh):  # same arrays, in the larger tree
+                    inner[label] = jax.tree.unflatten(jax.tree.structure(fresh), jax.tree.leaves(kept))
+                else:
+                    inner[label] = fresh
             return optax.PartitionState(inner)
         if isinstance(new, tuple) and hasattr(new, "_fields"):
             return type(new)(*(merge(o, n) for o, n in zip(old, new)))
         if isinstance(new, (tuple, list)):
             return type(new)(merge(o, n) for o, n in zip(old, new))
-        if isinstance(new, dict):
-            return {k: merge(old[k], v) for k, v in new.items()}
-        old_leaves, new_leaves = jax.tree.leaves(old), jax.tree.leaves(new)
-        if jax.tree.structure(old) == jax.tree.structure(new) and all(
-                jnp.shape(a) == jnp.shape(b) for a, b in zip(old_leaves, new_leaves)):
+        if isinstance(new, dict):  # a tree over the parameters: new keys are new parameters
+            return {k: merge(old[k], v) if isinstance(old, dict) and k in old else v for k, v in new.items()}
+        if jax.tree.structure(old) == jax.tree.structure(new) and same_arrays(old, new):
             return old
         return new
 

@@ -24,9 +24,10 @@ group gets ``lr_spread`` x the head's rate, geometric in between: fastai's
 head gets 1, each group further down ``layer_decay`` times less). Otherwise every
 backbone group gets ``backbone_lr_mult``.
 
-"Frozen" means frozen: a frozen group gets ``optax.set_to_zero`` (no update, no
-optimizer state), its BatchNorm layers use running statistics and do not update
-them, and its dropout is off (the Keras semantics).
+"Frozen" means frozen: a frozen group's parameters and BatchNorm statistics are
+constants of the train step (:func:`split_variables`): no gradient, no optimizer
+state, no update, no copy; its BatchNorm layers use running statistics and its
+dropout is off (the Keras semantics). Only the trainable part is the train state.
 """
 
 from __future__ import annotations
@@ -195,6 +196,35 @@ def decays(path: Sequence[str]) -> bool:
     return path[-1] == "kernel"
 
 
+def group_of(spec: BackboneSpec, path: Sequence[str]) -> str:
+    """The layer group of a variable path (without its collection), DANN's domain classifier included."""
+    return DOMAIN_GROUP if path[0] == DOMAIN_KEY else spec.group_of(path)
+
+
+def split_variables(spec: BackboneSpec, variables: Mapping[str, Any], frozen: Sequence[str]) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: the variables of the trainable groups and those of the frozen ones.
+
+    Both keep every collection of ``variables`` (``params``, ``batch_stats``), each holding only its
+    own leaves; :func:`jaxtl.training.state.merge` puts them back together.
+    """
+    frozen = set(frozen)
+    trainable_part, frozen_part = {}, {}
+    for collection, tree in variables.items():
+        flat = traverse_util.flatten_dict(_plain(tree))
+        trainable_part[collection] = traverse_util.unflatten_dict(
+            {p: v for p, v in flat.items() if group_of(spec, p) not in frozen})
+        frozen_part[collection] = traverse_util.unflatten_dict(
+            {p: v for p, v in flat.items() if group_of(spec, p) in frozen})
+    return trainable_part, frozen_part
+
+
+def trainable_labels(labels: Any) -> dict:
+    """The label tree restricted to what trains (the ``"frozen"`` leaves dropped): the tree the
+    optimizer partitions, matching the trainable parameters of :func:`split_variables`."""
+    flat = traverse_util.flatten_dict(_plain(labels))
+    return traverse_util.unflatten_dict({p: label for p, label in flat.items() if label != FROZEN})
+
+
 def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_decay: bool = True) -> dict:
     """One label per parameter: its group name (``+ "/no_decay"`` where weight
     decay must not apply), or ``"frozen"`` for parameters of frozen groups."""
@@ -206,7 +236,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
     flat = traverse_util.flatten_dict(_plain(params))
     labels = {}
     for path in flat:
-        group = DOMAIN_GROUP if path[0] == DOMAIN_KEY else spec.group_of(path)
+        group = group_of(spec, path)
         if group in frozen:
             labels[path] = FROZEN
         elif weight_decay and decays(path):
@@ -243,10 +273,3 @@ def check_label_tree(labels: Any, params: Any) -> None:
     bad = [p for p, v in lf.items() if not isinstance(v, str)]
     if bad:
         raise ConfigError(f"label of {'/'.join(bad[0])} is {lf[bad[0]]!r}, not a string")
-
-
-def trainable_mask(labels: Any) -> Any:
-    """True where a parameter trains (for stop_gradient in the train step)."""
-    import jax
-
-    return jax.tree.map(lambda label: label != FROZEN, labels)

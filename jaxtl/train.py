@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from jaxtl.cli import EXIT_USER_ERROR
@@ -40,6 +41,15 @@ def _pairs(text: str, sep: str, key_type, value_type, what: str):
         except ValueError:
             raise ConfigError(f"{what}: cannot read {item!r}") from None
     return out
+
+
+def fresh_output(base: Path) -> Path:
+    """``base`` if it is free (missing or empty), else the first free ``base-2``, ``base-3``, ..."""
+    candidate, n = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dann: source and target in separate passes, each normalised with its own batch statistics "
                         "(default off: one pass, normalised with the mixed batch's statistics)")
     g.add_argument("--cache-features", action=argparse.BooleanOptionalAction,
-                   help="feature_extract only: run the frozen backbone once (eval preprocessing, NO augmentation) "
-                        "and train the head on the cached features")
+                   help="feature_extract only: run the frozen backbone once (eval preprocessing, no augmentation) "
+                        "and train the head on the cached features (default: on for feature_extract, so "
+                        "--hflip, --crop-scale and --color-jitter need --no-cache-features)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
@@ -138,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, help="default 0; same seed, same result")
     g.add_argument("--output", help=f"run folder: checkpoints, metrics.jsonl, plots, the exported model "
-                                    f"(default {d['output']})")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+                                    f"(default {d['output']}, or {d['output']}-2, -3, ... when it holds a run)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint; "
+                                                         "with a larger --epochs, extend a finished run")
     g.add_argument("--keep-checkpoints", type=int, help="latest checkpoints kept, besides the best (default 2)")
     g.add_argument("--export", choices=["last", "best"], help="which weights to export at the end (default last)")
     g.add_argument("--mapping", choices=["shard_map", "pmap"], help="how steps map over devices (default "
@@ -153,7 +165,6 @@ def config_from_args(args: argparse.Namespace):
     """Explicit flags over the saved run (with --resume) or over the defaults."""
     import dataclasses
     import json
-    from pathlib import Path
 
     from jaxtl.optim import OptimConfig
     from jaxtl.strategies import Strategy
@@ -173,7 +184,9 @@ def config_from_args(args: argparse.Namespace):
         top = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)
                if f.name not in ("strategy", "optim")}
     else:
-        top = {k: DEFAULTS[k] for k in ("backbone", "data", "cache_features", "epochs", "batch_size", "output")}
+        top = {k: DEFAULTS[k] for k in ("backbone", "data", "cache_features", "epochs", "batch_size")}
+        # No --output: a rerun of the same command starts a new run beside the earlier ones.
+        top["output"] = str(fresh_output(Path(DEFAULTS["output"])))
         strategy_kw = {"kind": DEFAULTS["strategy"]}
         optim_kw = {"opt": DEFAULTS["opt"], "lr": DEFAULTS["lr"], "sched": DEFAULTS["sched"]}
         if given.get("strategy", DEFAULTS["strategy"]) != DEFAULTS["strategy"]:
@@ -216,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         maybe_initialize_distributed()
         cfg = config_from_args(args)
+        if not getattr(args, "output", None) and not cfg.resume and cfg.output != DEFAULTS["output"]:
+            print(f"{DEFAULTS['output']} holds an earlier run; this one goes to {cfg.output} "
+                  "(--output DIR chooses the folder)")
         result = train(cfg)
         final = result.final
         print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "

@@ -184,3 +184,19 @@ def test_scaling_refuses_host_devices_twice_before_jax_starts(tmp_path):
                        env=env)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("--host-devices and XLA_FLAGS")
     assert "Traceback" not in r.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_frozen_smoke_run_measures_the_head_step_and_host_work(tmp_path):
+    out = tmp_path / "frozen.json"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_frozen.py"), "--parts", "head_step,host", "--quick",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    head = payload["head_step"]
+    assert head["jaxtl_ms"] > 0 and head["plain_optax_ms"] > 0
+    assert head["ratio"] == pytest.approx(head["jaxtl_ms"] / head["plain_optax_ms"])
+    assert set(payload["host"]["us_per_step"]) >= {"step call", "+ metric read as one vector (the trainer)"}
+    assert "head step on cached features" in r.stdout
+    bad = subprocess.run([sys.executable, str(BENCH / "bench_frozen.py"), "--parts", "speed", "--quick", "--out",
+                          str(out)], capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert bad.returncode == 2 and "unknown part(s) speed" in bad.stderr

@@ -16,7 +16,7 @@ import jaxtl
 from jaxtl.dann import ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare
 from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
-from jaxtl.strategies import DOMAIN_KEY, Strategy, all_labels, label_tree, trainable_mask
+from jaxtl.strategies import DOMAIN_KEY, Strategy, all_labels, label_tree, split_variables, trainable_labels
 from jaxtl.training.state import create_train_state
 
 
@@ -52,28 +52,29 @@ def _dann_setup(name: str, size: int, batch: int = 4):
     params = {**variables["params"], DOMAIN_KEY: init_domain_classifier(feats.shape[-1], 0)}
     variables = {"params": params, "batch_stats": variables.get("batch_stats", {})}
     strategy = Strategy("dann")
-    labels = label_tree(spec, params, strategy.frozen_groups(spec))
+    labels = trainable_labels(label_tree(spec, params, strategy.frozen_groups(spec)))
+    trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec))
     cfg = OptimConfig(opt="sgd", lr=0.01, momentum=0.9, sched="constant")
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 1)
     pre = spec.preprocessing.at_size(size)
-    step = make_dann_step(model, tx, frozen=(), trainable=trainable_mask(labels), head_path=spec.head_path,
+    step = make_dann_step(model, tx, frozen=(), head_path=spec.head_path,
                           num_classes=3, prepare=lambda k, x: eval_prepare(x, pre), total_steps=10)
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
              "label": rng.integers(0, 3, batch).astype(np.int32), "weight": np.ones(batch, np.float32),
              "target_image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
              "target_weight": np.ones(batch, np.float32)}
-    return create_train_state(variables, tx, 0, plateau_init(cfg)), jax.jit(step), batch
+    return create_train_state(trainable, tx, 0, plateau_init(cfg)), frozen, jax.jit(step), batch
 
 
 # MobileNet: the margin test below trains DANN end to end with mobilenet_v2.
 @pytest.mark.parametrize("name,size", [("resnet18", 32),
                                        pytest.param("vit_tiny_patch16_224", 32, marks=pytest.mark.slow)])
 def test_dann_step_trains_backbone_head_and_domain_classifier(name, size):
-    state, step, batch = _dann_setup(name, size)
+    state, frozen, step, batch = _dann_setup(name, size)
     start_params = jax.tree.map(np.array, state.params)  # a copy: the step may donate its input
     for _ in range(2):  # the first step has lambda 0: the reversal is only felt from the second on
-        new, m = step(state, batch)
+        new, m = step(state, frozen, batch)
         assert bool(m["finite"])
         state = new
     assert 0 < float(m["lambda"]) < 1
@@ -92,11 +93,15 @@ def test_dann_on_four_devices_matches_one_device():
     assert result["changed"] > 1e-3
     assert result["lambda_per_step"][-1] > 0.9  # the reversed gradient is felt in the steps compared
     # Step by step from the same state (see the helper): three steps in a row amplify rounding in
-    # DANN's adversarial dynamics (a permuted batch on one device: 2e-3 of the update on a 2-core
-    # Xeon); a device-split bug moves the update by O(1) (BatchNorm not synced: 0.9).
+    # DANN's adversarial dynamics (a permuted batch on one device: 2e-3 of the update). Even one step
+    # does at the initial state, where only the label loss reaches the backbone, through train-mode
+    # BatchNorm at initialisation: rounding alone moved that step's update by 5e-4 on one CPU and by
+    # less than 1e-4 on another (the later steps: 6e-6). A device-split bug moves it by O(1)
+    # (BatchNorm not synced: 0.9), so the bound sits between the two, not at a CPU's rounding.
     for mapping in ("shard_map_4", "pmap_4"):
         one_step = result[mapping]["one_step"]
-        assert one_step["params_update_rel"] <= 1e-4, result
+        assert one_step["params_update_rel"] <= 1e-2, result
+        assert max(result[mapping]["one_step_params_update_rel_per_step"][1:]) <= 1e-3, result
         assert one_step["stats_update_rel"] <= 1e-4, result
         assert one_step["loss_rel"] <= 1e-5, result
 

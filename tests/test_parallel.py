@@ -19,8 +19,10 @@ def test_four_devices_match_one_device():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(result)
     assert result["changed"] > 1e-3  # the steps really trained
+    # Rounding moves these by 1e-6 to 6e-6 (the trajectory's largest leaf-relative difference) on the
+    # CPUs tried; a device-split bug by O(1). The trajectory bound leaves room for rounding on others.
     for mapping in ("shard_map_4", "pmap_4"):
-        assert result[mapping]["trajectory"]["max_rel"] <= 1e-5, result
+        assert result[mapping]["trajectory"]["max_rel"] <= 1e-4, result
         assert result[mapping]["trajectory"]["loss_rel"] <= 1e-5, result
         assert result[mapping]["one_step"]["params_update_rel"] <= 1e-4, result
         assert result[mapping]["one_step"]["stats_update_rel"] <= 1e-4, result
@@ -40,8 +42,8 @@ def test_the_mapped_step_compiles_once_for_the_first_state_and_its_own_outputs(m
 
     from jaxtl.training.parallel import AXIS, DataParallel
 
-    def step(state, batch):
-        grad = jax.lax.psum(jnp.sum(batch["x"], axis=0), AXIS)
+    def step(state, frozen, batch):
+        grad = jax.lax.psum(jnp.sum(batch["x"] * frozen["scale"], axis=0), AXIS)
         return {"w": state["w"] - 0.1 * grad, "n": state["n"] + 1}, {"loss": jax.lax.psum(jnp.sum(batch["x"]), AXIS)}
 
     compiles = []
@@ -53,12 +55,13 @@ def test_the_mapped_step_compiles_once_for_the_first_state_and_its_own_outputs(m
     dp = DataParallel(mapping)
     mapped = dp.train_step(step, donate=False)
     start = {"w": jnp.zeros(3, jnp.float32), "n": jnp.zeros((), jnp.int32)}
+    frozen = dp.replicate({"scale": jnp.ones(3, jnp.float32)})
     batch = dp.put_batch({"x": np.ones((2 * dp.num_devices, 3), np.float32)})
-    state, _ = mapped(dp.replicate(start), batch)
+    state, _ = mapped(dp.replicate(start), frozen, batch)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        state, _ = mapped(state, batch)                                # the step's own output
-        state, _ = mapped(dp.replicate(jax.device_get(state)), batch)  # a state restored from host memory
+        state, _ = mapped(state, frozen, batch)                                # the step's own output
+        state, _ = mapped(dp.replicate(jax.device_get(state)), frozen, batch)  # a state restored from host memory
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert not compiles, f"{mapping}: the step compiled again ({len(compiles)} more)"

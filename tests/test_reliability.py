@@ -86,8 +86,10 @@ def uninterrupted(tmp_path_factory):
 def test_sigint_mid_progressive_then_resume_is_bit_identical(uninterrupted, tmp_path):
     out = tmp_path / "sigint"
     proc = start(*RUN, "--output", out)
-    # Epoch 1 done: epoch 2 begins by compiling stage 1's step, where the signal lands.
-    assert wait_for(lambda: (out / "metrics.jsonl").exists() and records(out), proc)
+    # Epoch 1 done and its checkpoint complete (a signal during that save stops the run after it):
+    # epoch 2 begins by compiling stage 1's step, where the signal lands.
+    assert wait_for(lambda: (out / "checkpoints" / "12").is_dir(), proc)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-2000:]
@@ -128,6 +130,33 @@ def test_kill9_during_a_checkpoint_write_leaves_the_previous_one_usable(uninterr
 
 
 @pytest.mark.slow
+def test_two_signals_during_a_save_keep_the_checkpoint_and_resume(uninterrupted, tmp_path):
+    """Ctrl-C twice while the first checkpoint is being written: the save completes, the run stops
+    after it, and --resume continues exactly (before, the second signal abandoned the save and left
+    only a temporary folder)."""
+    out = tmp_path / "sigint2"
+    r = train(*RUN, "--output", out, env={"JAXTL_TEST_FAULT": "sigint2:1"}, launcher=HELPERS / "faulty_train.py")
+    assert r.returncode == 130, r.stderr[-2000:]
+    assert "interrupted after epoch 1; checkpoint saved (step 12)" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["12"]  # complete, nothing temporary
+    r = train("--resume", "--output", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(uninterrupted, out)
+
+
+def test_resume_with_only_a_half_written_checkpoint_is_one_line(tmp_path):
+    """The first save killed mid-write leaves only orbax's temporary folder: --resume says there is no
+    checkpoint, in one line (orbax's own clean-up thread printed a traceback as the process exited)."""
+    out = tmp_path / "half"
+    (out / "checkpoints" / "12.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"backbone": "resnet18", "strategy": {"kind": "finetune"},
+                                                 "optim": {}, "output": str(out)}))
+    r = train("--resume", "--output", out)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no checkpoint" in r.stderr and not list((out / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
 def test_disk_full_while_saving_stops_cleanly_and_resumes(uninterrupted, tmp_path):
     out = tmp_path / "enospc"
     r = train(*RUN, "--output", out, env={"JAXTL_TEST_FAULT": "enospc:2"}, launcher=HELPERS / "faulty_train.py")
@@ -139,6 +168,22 @@ def test_disk_full_while_saving_stops_cleanly_and_resumes(uninterrupted, tmp_pat
     r = train("--resume", "--output", out)  # "space freed": the previous checkpoint is intact
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(uninterrupted, out)
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    import jaxtl.export as export
+
+    model = jaxtl.create_model("resnet18", num_classes=3)
+    variables = jaxtl.init_variables(model, jaxtl.get_spec("resnet18"))
+    meta = {"backbone": "resnet18", "num_classes": 3,
+            "preprocessing": jaxtl.get_spec("resnet18").preprocessing.to_dict()}
+    old = os.umask(0o027)
+    try:
+        export.save_model(tmp_path, variables, meta)
+    finally:
+        os.umask(old)
+    for name in ("model.msgpack", "meta.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # 0666 less the umask, not 0600
 
 
 def test_a_failed_export_keeps_the_previous_model(tmp_path, monkeypatch):

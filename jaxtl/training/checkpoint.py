@@ -5,9 +5,15 @@
   checkpoint into a temporary folder and renames it when complete, so a crash
   during a save leaves the previous checkpoints untouched and the half-written
   one is ignored (and cleaned up) on the next start.
-* Each checkpoint stores the whole train state plus a JSON record of where the
-  run was (epoch, batch within the epoch, the partial epoch's metric sums,
-  the stage): enough for ``--resume`` to continue bit for bit.
+* Each checkpoint stores the train state - what trains and changes: the
+  trainable parameters, their optimizer state, the changing BatchNorm
+  statistics, step, RNG - plus a JSON record of where the run was (epoch,
+  batch within the epoch, the partial epoch's metric sums, the stage) and of
+  the file its frozen groups come from (path and sha256): enough for
+  ``--resume`` to continue bit for bit. Frozen weights are not written again
+  every epoch (a feature-extraction checkpoint is the head and its optimizer
+  state). Checkpoints written before this layout hold the whole model; the
+  trainer still restores them (``STATE_LAYOUT_KEY`` tells them apart).
 * The optimizer state is stored as the list of its arrays, not as its tree.
   optax.multi_transform keeps one inner state per label, each a copy of the
   whole parameter tree with ``MaskedNode`` placeholders outside its label:
@@ -26,6 +32,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +82,11 @@ def _metric(metrics: Any) -> float:
     return float(metrics["val_top1"])
 
 
+# The record's marker of a checkpoint whose state holds only what trains (see the module docstring).
+STATE_LAYOUT_KEY, STATE_TRAINABLE = "state_layout", "trainable"
+
 # The record's marker of a checkpoint whose optimizer state is the list of its arrays; checkpoints
-# without it (jaxtl before 2026-12) hold the whole tree and restore as they were written.
+# without it (older checkpoints) hold the whole tree and restore as they were written.
 OPT_LAYOUT_KEY, OPT_LAYOUT_LEAVES = "opt_state_layout", "leaves"
 
 
@@ -88,6 +98,15 @@ def _compact(state: Any) -> Any:
 def _expand(stored: Any, template: Any) -> Any:
     """Inverse of :func:`_compact`: the list back into the template's optimizer tree."""
     return stored.replace(opt_state=jax.tree.unflatten(jax.tree.structure(template.opt_state), stored.opt_state))
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # orbax writes step N into "N.orbax-checkpoint-tmp..." and renames it when done
+
+
+def _remove_unfinished(directory: Path) -> None:
+    if directory.is_dir():
+        for tmp in directory.glob(f"*{TMP_MARK}*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Checkpoints:
@@ -102,9 +121,12 @@ class Checkpoints:
         # best_fn too: without it orbax's best_step() is the latest step (the preservation policy alone
         # keeps the best checkpoint on disk but does not name it), so --export best exported the last
         # state; with it the metrics are stored beside each checkpoint and survive --resume.
+        # Half-written saves (a kill during a write) are removed here, before orbax starts: orbax's own
+        # clean-up runs in a thread that outlived a quick exit (a refused --resume) and logged a traceback.
+        _remove_unfinished(self.directory)
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=_metric, best_mode="max",
                                                enable_async_checkpointing=False, create=True,
-                                               cleanup_tmp_directories=True)
+                                               cleanup_tmp_directories=False)
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
@@ -117,7 +139,10 @@ class Checkpoints:
         return self.manager.best_step()
 
     def save(self, step: int, state: Any, record: dict, metrics: dict | None = None) -> None:
-        """Save synchronously; raises CheckpointError (previous checkpoints intact) on failure."""
+        """Save synchronously; raises CheckpointError (previous checkpoints intact) on failure.
+
+        Synchronous on purpose: on a machine with few cores orbax's background write competes with
+        the next epoch for them, and a cheap epoch (cached features) got no faster."""
         state, record = _compact(state), {**record, OPT_LAYOUT_KEY: OPT_LAYOUT_LEAVES}
         try:
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

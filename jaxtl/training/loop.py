@@ -10,6 +10,14 @@ work, so that every user error surfaces before anything heavy:
    carried across stages), train, evaluate, plateau, ``metrics.jsonl``, checkpoint;
 5. export the final model, plot the curves and the confusion matrix.
 
+What trains and what is frozen are separate: the train state holds the
+trainable groups' parameters, their optimizer state and the statistics that
+change; the frozen groups' variables are constants of the compiled step (no
+gradient, update, donation or copy) and are not written to checkpoints, which
+reference the weights file they come from instead. A group unfrozen at a stage
+boundary joins the state with its starting values. On cached features an epoch
+is one compiled call (the steps scanned on the device), and so is evaluation.
+
 Determinism: the data order comes from ``(seed, epoch)``, every random draw
 in a step from ``(seed, step, device)``, and a checkpoint records the epoch,
 the batch within it and the partial sums of the epoch's metrics. A resumed
@@ -24,35 +32,41 @@ import json
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.dann import ganin_lambda, init_domain_classifier, make_dann_step
+from jaxtl.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, TrainingError
-from jaxtl.export import load_model, save_model
+from jaxtl.export import load_model, read_variables_file, save_model, write_variables_file
 from jaxtl.models import as_dtype, create_model, init_variables
 from jaxtl.optim import OptimConfig, carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
 from jaxtl.strategies import (DOMAIN_KEY, Stage, Strategy, all_labels, check_label_tree, label_tree,
-                              trainable_mask)
-from jaxtl.training.checkpoint import Checkpoints, RunLock
+                              split_variables, trainable_labels)
+from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
                                    plot_confusion, plot_curves)
-from jaxtl.training.state import TrainState, create_train_state
-from jaxtl.training.step import head_forward, image_forward, make_eval_step, make_train_step
+from jaxtl.training.state import TrainState, create_train_state, merge
+from jaxtl.training.step import (TRAIN_METRICS, head_forward, image_forward, make_eval_step, make_train_step,
+                                 map_eval, pack_metrics, scan_steps, unpack_metrics)
+from jaxtl.weights import sha256_file
 
 CONFIG_FILE = "config.json"
 BAD_FILES = "skipped_files.txt"
+# A random-init run's starting variables, written once: its frozen groups are constants read from here.
+INITIAL_FILE = "initial_variables.msgpack"
 
 
 @dataclass
@@ -132,8 +146,12 @@ class TrainConfig:
                               "digits-shifted, digits-inverted or tfds:NAME)")
         if self.domain_weight < 0:
             raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
-        if self.cache_features and self.color_jitter:
-            raise ConfigError("--cache-features computes features once without augmentation; drop --color-jitter")
+        augments = [flag for flag, on in (("--hflip", self.hflip), ("--color-jitter", self.color_jitter),
+                                          ("--crop-scale", self.crop_scale != 0.08)) if on]
+        if self.cache_features and augments:
+            raise ConfigError(f"{' and '.join(augments)} would do nothing: the features are cached once, without "
+                              "augmentation (the default for feature_extract); add --no-cache-features to augment "
+                              "every epoch, or drop them")
         if self.weights not in ("pretrained", "none"):
             raise ConfigError(f"--weights must be 'pretrained' or 'none', got {self.weights!r}")
         if self.weights == "none" and self.weights_file:
@@ -158,9 +176,10 @@ class TrainConfig:
 class TrainResult:
     output: Path
     records: list[dict]
-    state: TrainState
+    state: TrainState                 # the last train state: what trained (see jaxtl.training.state)
     skipped_files: list[str]
     nonfinite_skipped: int = 0
+    variables: dict | None = None     # the exported model's variables (host arrays), frozen layers included
 
     @property
     def final(self) -> dict:
@@ -168,11 +187,14 @@ class TrainResult:
 
 
 class _Signals:
-    """The first SIGINT/SIGTERM asks the loop to stop after the current step."""
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step (or epoch, on cached
+    features); a second one stops at once, except during a checkpoint save (:meth:`saving`), which
+    always completes: the loop then stops right after it, the new checkpoint on disk."""
 
     def __init__(self):
         self.received: int | None = None
         self._old: dict = {}
+        self._saving = False
 
     def __enter__(self):
         import threading
@@ -183,9 +205,17 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # second signal: give up immediately
+        if self.received is not None and not self._saving:  # a second signal: give up immediately
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = self.received or signum
+
+    @contextmanager
+    def saving(self):
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -205,11 +235,16 @@ class Trainer:
         self.lr_mults = cfg.strategy.lr_multipliers(self.spec)
         self.out = Path(cfg.output)
         self.skipped: list[str] = []  # "path: reason" of every file skipped as unreadable
+        self.extended_from = cfg.epochs  # a resumed run's epochs before this start
+        before = {p for p in (self.out, self.out / ".lock", self.out / "checkpoints") if p.exists()}
         self.lock = RunLock(self.out).acquire()
         try:
             self._setup()
         except BaseException:
+            if hasattr(self, "ckpts"):
+                self.ckpts.close()
             self.lock.release()
+            _remove_what_this_start_made(self.out, before)
             raise
 
     # -- set-up --------------------------------------------------------------------------
@@ -268,7 +303,9 @@ class Trainer:
         self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter,
                                      scale=(cfg.crop_scale, 1.0))
         self.prepare_eval = partial(eval_prepare, pre=self.pre)
-        self._compiled: dict[int, tuple] = {}
+        self._compiled: dict[int, _StageSteps] = {}
+        self._placed: dict[int, Any] = {}  # evaluation batches of cached features, on the devices
+        self.metric_names = DANN_METRICS if self.adversarial else TRAIN_METRICS
 
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
                          put=self.dp.put_batch)
@@ -288,7 +325,15 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.cache_features:
             self._cache_features(loader_kw)
-        if not cfg.resume:  # only once data and weights are known to work
+        if cfg.weights == "none" and any(stage.frozen for stage in self.stages):
+            if cfg.resume:
+                path = Path(self.frozen_ref["file"])
+                self.frozen_ref["sha256"] = sha256_file(path) if path.is_file() else None
+            else:
+                self._write_initial_variables()
+        if not cfg.resume or cfg.epochs != self.extended_from:  # only once data and weights are known to work
+            if cfg.resume:
+                self.log(f"extending the run in {self.out} from {self.extended_from} to {cfg.epochs} epochs")
             (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def _check_resume_config(self) -> None:
@@ -300,10 +345,16 @@ class Trainer:
                                   "started") from None
         now = self.cfg.to_dict()
         diffs = [f"{k}: run {saved.get(k)!r}, now {now[k]!r}" for k in now
-                 if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+                 if k not in (*TrainConfig.RESUMABLE_CHANGES, "epochs") and saved.get(k) != now[k]]
         if diffs:
             raise ConfigError(f"--resume with different options than the run in {self.out} ({'; '.join(diffs[:3])}); "
                               "pass the same options (or only --resume --output DIR)")
+        # More epochs extend the run (timm's resume: the schedule is recomputed for the new length and
+        # goes on from the step reached); fewer than it was started with would cut its schedule short.
+        self.extended_from = int(saved.get("epochs", self.cfg.epochs))
+        if self.cfg.epochs < self.extended_from:
+            raise ConfigError(f"--resume --epochs {self.cfg.epochs}: the run in {self.out} was started for "
+                              f"{self.extended_from} epochs; pass --epochs {self.extended_from} or more")
 
     def _record_bad(self, lines: list[str]) -> None:
         self.skipped += lines
@@ -311,16 +362,25 @@ class Trainer:
             fh.write("".join(line + "\n" for line in lines))
 
     def _load_weights(self) -> None:
+        """The run's starting variables (``self.variables``), their preprocessing, and ``self.frozen_ref``:
+        the file the frozen groups' constants come from and its sha256, which every checkpoint records
+        (checkpoints hold only what trains, so a resume rebuilds the frozen groups from that file)."""
         cfg, spec = self.cfg, self.spec
         self.model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and _has_img_size(spec) else {}
         self.origin: dict[str, Any] = {}
         if cfg.weights == "none":
-            model = create_model(spec.name, self.num_classes, source=self.source, **self.model_kwargs)
-            self.variables = init_variables(model, spec, cfg.seed)
+            written = self.out / INITIAL_FILE
+            if cfg.resume and written.is_file():
+                self.variables = read_variables_file(written)
+            else:
+                model = create_model(spec.name, self.num_classes, source=self.source, **self.model_kwargs)
+                self.variables = jax.device_get(init_variables(model, spec, cfg.seed))
             pre = spec.preprocessing_for(self.source)
             self.origin = {"weights": "random init"}
+            self.frozen_ref = {"file": str(written.absolute()), "sha256": None}  # known once written
         elif cfg.weights_file and Path(cfg.weights_file).is_dir():
-            _, variables, meta = load_model(cfg.weights_file)
+            model_dir = Path(cfg.weights_file)
+            _, variables, meta = load_model(model_dir)
             if meta["backbone"] != spec.name:
                 raise ConfigError(f"--weights-file {cfg.weights_file} holds a {meta['backbone']}, not {spec.name}")
             if int(meta["num_classes"]) != self.num_classes:
@@ -328,6 +388,8 @@ class Trainer:
             self.variables, pre = variables, _preprocessing(meta)
             self.model_kwargs = {**meta.get("model_kwargs", {}), **self.model_kwargs}
             self.origin = {"weights": str(cfg.weights_file)}
+            self.frozen_ref = {"file": str((model_dir / "model.msgpack").absolute()),
+                               "sha256": sha256_file(model_dir / "model.msgpack")}
         else:
             _, variables, info = load_pretrained(spec.name, self.source, tag=cfg.weights_tag,
                                                  weights_file=cfg.weights_file, allow_download=cfg.allow_download,
@@ -336,9 +398,32 @@ class Trainer:
             self.variables = replace_head(variables, spec.head_path, self.num_classes, cfg.seed)
             pre = info.preprocessing
             self.origin = info.to_meta()["weights"]
+            self.frozen_ref = {"file": str(Path(info.file).absolute()), "sha256": info.sha256}
             self.log(f"weights: {spec.name} {info.source} {info.tag or ''} ({Path(info.file).name}, "
                      f"sha256 {info.sha256[:8]}); new {self.num_classes}-class head")
         self.pre = pre.at_size(cfg.img_size) if cfg.img_size else pre
+
+    def _write_initial_variables(self) -> None:
+        """A random-init run with frozen groups keeps its starting variables once, in the run folder."""
+        path = Path(self.frozen_ref["file"])
+        if not path.is_file():
+            write_variables_file(path, self.variables, {"backbone": self.spec.name, "seed": self.cfg.seed})
+        self.frozen_ref["sha256"] = sha256_file(path)
+
+    def _check_frozen_ref(self, record: dict) -> None:
+        """A resume rebuilds the frozen groups from the file the run started from; refuse any other."""
+        ref = record.get("frozen")
+        if not ref or not any(stage.frozen for stage in self.stages[int(record["stage"]):]):
+            return  # written before checkpoints referenced the frozen weights, or nothing is frozen any more
+        if ref["sha256"] != self.frozen_ref["sha256"]:
+            if self.cfg.weights == "none":
+                raise CheckpointError(f"--resume: this run's starting variables {ref['file']} are missing or "
+                                      f"changed (sha256 {str(ref['sha256'])[:12]}); its frozen layers cannot be "
+                                      "rebuilt, so start the run again without --resume")
+            raise CheckpointError(f"--resume: the frozen layers of this run come from {ref['file']} (sha256 "
+                                  f"{ref['sha256'][:12]}), but the weights found now are {self.frozen_ref['file']} "
+                                  f"(sha256 {str(self.frozen_ref['sha256'])[:12]}); pass the run's file with "
+                                  "--weights-file")
 
     def _num_features(self) -> int:
         """Width of the pooled features (what the head and DANN's domain classifier see)."""
@@ -355,41 +440,50 @@ class Trainer:
                 return stage
         return self.stages[-1]
 
-    def compiled(self, stage: Stage):
-        """(labels, tx, mapped train step) of a stage, built once."""
+    def compiled(self, stage: Stage) -> "_StageSteps":
+        """What a stage trains with, built once: its labels, optimizer, mapped train step and frozen variables."""
         if stage.index not in self._compiled:
             labels = label_tree(self.spec, self.variables["params"], stage.frozen)
             check_label_tree(labels, self.variables["params"])
+            labels = trainable_labels(labels)
             tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                 self.cfg.epochs)
             drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
             if self.adversarial:
-                step = make_dann_step(self.model, tx, frozen=stage.frozen, trainable=trainable_mask(labels),
-                                      head_path=self.spec.head_path, num_classes=self.num_classes,
-                                      prepare=self.prepare_train, total_steps=self.steps_per_epoch * self.cfg.epochs,
+                step = make_dann_step(self.model, tx, frozen=stage.frozen, head_path=self.spec.head_path,
+                                      num_classes=self.num_classes, prepare=self.prepare_train,
+                                      total_steps=self.steps_per_epoch * self.cfg.epochs,
                                       domain_weight=self.cfg.domain_weight, drop_rate=drop_rate,
                                       separate_bn=self.cfg.dann_separate_bn,
                                       label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
-            else:
-                if self.cfg.cache_features:
-                    forward = head_forward(self.spec.head_path, drop_rate)
-                else:
-                    forward = image_forward(self.model, frozen=stage.frozen, prepare=self.prepare_train)
-                step = make_train_step(forward, tx, trainable=trainable_mask(labels), num_classes=self.num_classes,
+            elif self.cfg.cache_features:
+                step = make_train_step(head_forward(self.spec.head_path, drop_rate), tx, num_classes=self.num_classes,
                                        label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
-            self._compiled[stage.index] = (labels, tx, self.dp.train_step(step))
+            else:
+                step = make_train_step(image_forward(self.model, frozen=stage.frozen, prepare=self.prepare_train), tx,
+                                       num_classes=self.num_classes, label_smoothing=self.cfg.label_smoothing,
+                                       axis_name=AXIS)
+            step = pack_metrics(step, self.metric_names)
+            if self.cfg.cache_features:  # the head alone: the whole epoch is one call, and no frozen variable is read
+                mapped = self.dp.train_step(scan_steps(step), stacked=True)
+                frozen = {"params": {}, "batch_stats": {}}
+            else:
+                mapped = self.dp.train_step(step)
+                frozen = split_variables(self.spec, self.variables, stage.frozen)[1]
+            self._compiled[stage.index] = _StageSteps(labels, tx, mapped, self.dp.replicate(frozen))
         return self._compiled[stage.index]
 
     def _eval_fn(self):
         if not hasattr(self, "_eval"):
             if self.cfg.cache_features:
                 head = head_forward(self.spec.head_path)
-                apply_logits = lambda v, feats: head(v["params"], None, feats, None)[0]  # noqa: E731
+                apply_logits = lambda v, feats: head(v, feats, None)[0]  # noqa: E731
             else:
                 model, prepare = self.model, self.prepare_eval
                 apply_logits = lambda v, images: model.apply(v, prepare(images), train=False)  # noqa: E731
-            self._eval = self.dp.eval_step(make_eval_step(apply_logits, num_classes=self.num_classes,
-                                                          axis_name=AXIS))
+            step = make_eval_step(apply_logits, num_classes=self.num_classes, axis_name=AXIS)
+            self._eval = (self.dp.eval_step(map_eval(step), stacked=True) if self.cfg.cache_features
+                          else self.dp.eval_step(step))
         return self._eval
 
     # -- feature cache ------------------------------------------------------------------
@@ -431,31 +525,66 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------
 
     def initial_state(self, stage: Stage) -> TrainState:
-        return self.dp.replicate(self._new_state(self.variables, stage))
+        trainable, _ = split_variables(self.spec, self.variables, stage.frozen)
+        # Copies: the state is donated to the train step, and self.variables stays the run's start.
+        return self.dp.replicate(self._new_state(_copy(trainable), self.compiled(stage).tx))
 
     def abstract_state(self, stage: Stage) -> TrainState:
         """Shapes, dtypes and shardings of ``stage``'s train state, the target a checkpoint restores
-        into. No arrays are made or read: after the first step the initial variables' buffers belong
-        to the train step (donated), so building a real state then failed ("Array has been deleted")."""
-        return self.dp.abstract_replicated(jax.eval_shape(lambda v: self._new_state(v, stage), self.variables))
+        into. No arrays are made or read."""
+        trainable, _ = split_variables(self.spec, self.variables, stage.frozen)
+        tx = self.compiled(stage).tx  # built outside the trace: the stage also places its frozen variables
+        return self.dp.abstract_replicated(jax.eval_shape(lambda v: self._new_state(v, tx), trainable))
 
-    def _new_state(self, variables, stage: Stage) -> TrainState:
-        _, tx, _ = self.compiled(stage)
-        return create_train_state(variables, tx, self.cfg.seed, plateau_init(self.cfg.optim))
+    def _new_state(self, trainable: dict, tx) -> TrainState:
+        return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim))
 
-    def evaluate(self, state: TrainState, loader=None) -> dict:
+    def _enter_stage(self, state: TrainState, old: Stage, new: Stage) -> TrainState:
+        """Groups unfrozen at a stage boundary join the state with their starting values (frozen until
+        now, so unchanged) and a fresh optimizer state; groups already training keep theirs."""
+        if not set(new.frozen) <= set(old.frozen):
+            raise TrainingError(f"stage {new.index} freezes {', '.join(sorted(set(new.frozen) - set(old.frozen)))} "
+                                "again after training it; strategies only unfreeze")
+        trainable, _ = split_variables(self.spec, self.variables, new.frozen)
+        _, joined = split_variables(self.spec, trainable, old.frozen)  # in the new trainable set, frozen before
+        joined = self.dp.replicate(_copy(joined))
+        params, batch_stats = merge(joined["params"], state.params), merge(joined["batch_stats"], state.batch_stats)
+        old_steps, new_steps = self.compiled(old), self.compiled(new)
+        opt_state = carry_over(state.opt_state, new_steps.tx.init(params), old_steps.labels, new_steps.labels)
+        return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+    def variables_of(self, state: TrainState, stage: Stage) -> dict:
+        """The model's variables: ``stage``'s frozen constants and the state's trainable part (DANN's
+        domain classifier left out). With cached features, what evaluation reads: the head."""
+        if self.cfg.cache_features:
+            return state.variables
+        variables = merge(self.compiled(stage).frozen, state.variables)
+        variables["params"] = {k: v for k, v in variables["params"].items() if k != DOMAIN_KEY}
+        return variables
+
+    def evaluate(self, variables: dict, loader=None) -> dict:
         """Loss, top-1, top-5 and predictions on a validation loader (default: the source's)."""
         loader = loader or self.val_loader
         evaluate = self._eval_fn()
-        params = {k: v for k, v in state.params.items() if k != DOMAIN_KEY}
-        variables = {"params": params, "batch_stats": state.batch_stats}
+        stacked = self.cfg.cache_features  # cached features: every batch in one call
+        if stacked:
+            if id(loader) not in self._placed:  # the same batches every epoch: placed once
+                self._placed[id(loader)] = self.dp.put_batches(loader.stacked(0))
+            outputs = [evaluate(variables, self._placed[id(loader)])]
+        else:
+            outputs = (evaluate(variables, batch) for batch in loader.epoch(0))
         sums = {"loss_sum": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
         preds = []
-        for batch in loader.epoch(0):
-            out = evaluate(variables, batch)
-            for k in sums:
-                sums[k] += float(out[k])
-            preds.append(self.dp.unshard_per_example(out["pred"]))
+        for out in outputs:
+            if stacked:  # one output per batch, summed on the host in batch order as without the stack
+                host = jax.device_get({k: v for k, v in out.items() if k != "pred"})
+                for i in range(len(host["count"])):
+                    for k in sums:
+                        sums[k] += float(host[k][i])
+            else:
+                for k in sums:
+                    sums[k] += float(out[k])
+            preds.append(self.dp.unshard_per_example(out["pred"], stacked))
         self._note_bad(loader)
         n = loader.n
         pred = np.concatenate(preds)[:n]
@@ -467,8 +596,38 @@ class Trainer:
         try:
             return self._run()
         finally:
-            self.ckpts.close()
-            self.lock.release()
+            try:
+                self.ckpts.close()  # waits for the last save: a failure to write it is reported
+            finally:
+                self.lock.release()
+
+    def _restore(self, step: int) -> tuple[TrainState, Stage, dict]:
+        """The state, stage and record of checkpoint ``step``; the record says which stage's optimizer
+        structure the state has and where the frozen groups come from."""
+        record = self.ckpts.record(step)
+        stage = self.stages[int(record["stage"])]
+        self._check_frozen_ref(record)
+        if record.get(STATE_LAYOUT_KEY) == STATE_TRAINABLE:
+            state, record = self.ckpts.restore(step, self.abstract_state(stage), record)
+        else:
+            state, record = self._restore_whole_model_state(step, stage, record)
+        return state, stage, record
+
+    def _restore_whole_model_state(self, step: int, stage: Stage, record: dict) -> tuple[TrainState, dict]:
+        """A checkpoint written before train states held only what trains: the whole model's variables,
+        the optimizer over all of them. Its trainable part is kept; its optimizer state has the same arrays
+        in the same order as one over the trainable part (frozen labels hold none), so it is re-shaped."""
+        labels = label_tree(self.spec, self.variables["params"], stage.frozen)
+        whole_tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
+                                  self.cfg.epochs)
+        whole = jax.eval_shape(lambda v: create_train_state(v, whole_tx, self.cfg.seed, plateau_init(self.cfg.optim)),
+                               self.variables)
+        state, record = self.ckpts.restore(step, self.dp.abstract_replicated(whole), record)
+        trainable, _ = split_variables(self.spec, state.variables, stage.frozen)
+        target = self.abstract_state(stage)
+        opt_state = jax.tree.unflatten(jax.tree.structure(target.opt_state), jax.tree.leaves(state.opt_state))
+        return state.replace(params=trainable["params"], batch_stats=trainable["batch_stats"],
+                             opt_state=opt_state), record
 
     def _run(self) -> TrainResult:
         cfg, log = self.cfg, self.log
@@ -477,10 +636,7 @@ class Trainer:
         stage = self.stage_for(0)
         if cfg.resume:
             step = self.ckpts.latest_step()
-            # The record says which stage's optimizer structure the state has.
-            record = self.ckpts.record(step)
-            stage = self.stages[int(record["stage"])]
-            state, record = self.ckpts.restore(step, self.abstract_state(stage), record)
+            state, stage, record = self._restore(step)
             start_epoch, start_batch = int(record["epoch"]), int(record["batch"])
             partial_sums, nonfinite = record.get("partial"), int(record.get("nonfinite_skipped", 0))
             records = metrics_log.keep_before(start_epoch)
@@ -490,27 +646,24 @@ class Trainer:
             records = []
             metrics_log.path.write_text("")
         log(f"{cfg.strategy.kind}: {len(self.stages)} stage(s); stage {stage.index} trains "
-            f"{', '.join(stage.trainable)}; {self.dp.num_devices} device(s), {self.dp.mapping}; "
-            f"{self.steps_per_epoch} steps/epoch")
+            f"{', '.join(stage.trainable)} ({_count(state.params):,} parameters); {self.dp.num_devices} device(s), "
+            f"{self.dp.mapping}; {self.steps_per_epoch} steps/epoch")
 
         schedule = schedule_of(cfg.optim, self.steps_per_epoch, cfg.epochs)
-        signals = _Signals()
+        signals = self._signals = _Signals()
         last_eval = None
         with signals:
             for epoch in range(start_epoch, cfg.epochs):
                 new_stage = self.stage_for(epoch)
                 if new_stage.index != stage.index:
-                    old_labels = self.compiled(stage)[0]
-                    labels, tx, _ = self.compiled(new_stage)
-                    state = state.replace(opt_state=carry_over(state.opt_state, tx.init(state.params),
-                                                               old_labels, labels))
-                    log(f"stage {new_stage.index}: now training {', '.join(new_stage.trainable)}")
+                    state = self._enter_stage(state, stage, new_stage)
+                    log(f"stage {new_stage.index}: now training {', '.join(new_stage.trainable)} "
+                        f"({_count(state.params):,} parameters)")
                     stage = new_stage
-                _, _, train_step = self.compiled(stage)
                 t0 = time.perf_counter()
                 sums = dict(partial_sums or self._zero_sums())
                 first = start_batch if epoch == start_epoch else 0
-                state, sums, nonfinite, stopped_at = self._train_epoch(state, train_step, epoch, first, sums,
+                state, sums, nonfinite, stopped_at = self._train_epoch(state, stage, epoch, first, sums,
                                                                        nonfinite, signals)
                 partial_sums = None
                 if stopped_at is not None:
@@ -519,7 +672,8 @@ class Trainer:
                         f"interrupted at epoch {epoch + 1}, batch {stopped_at}; checkpoint saved (step "
                         f"{int(state.step)}) in {self.out}; continue with: python -m jaxtl.train --resume "
                         f"--output {self.out}")
-                last_eval = self.evaluate(state)
+                variables = self.variables_of(state, stage)
+                last_eval = self.evaluate(variables)
                 if cfg.optim.sched == "plateau":
                     state = state.replace(plateau=self.dp.replicate(
                         plateau_update(cfg.optim, jax.device_get(state.plateau), last_eval["val_loss"])))
@@ -540,7 +694,7 @@ class Trainer:
                                   dann_lambda=float(ganin_lambda(int(state.step) / (self.steps_per_epoch
                                                                                    * cfg.epochs))))
                 if self.target_val_loader is not None:
-                    target_eval = self.evaluate(state, self.target_val_loader)
+                    target_eval = self.evaluate(variables, self.target_val_loader)
                     record.update(target_val_loss=target_eval["val_loss"], target_val_top1=target_eval["val_top1"],
                                   target_val_top5=target_eval["val_top5"])
                 if nonfinite:
@@ -549,23 +703,24 @@ class Trainer:
                 metrics_log.append(record)
                 log(epoch_line(record, cfg.epochs))
                 self._save(state, epoch + 1, 0, stage, None, nonfinite, {"val_top1": record["val_top1"]})
+                if signals.received is not None and epoch + 1 < cfg.epochs:  # came during a one-call epoch or the save
+                    raise Interrupted(
+                        f"interrupted after epoch {epoch + 1}; checkpoint saved (step {int(state.step)}) in "
+                        f"{self.out}; continue with: python -m jaxtl.train --resume --output {self.out}")
         return self._finish(state, records, last_eval, nonfinite)
 
-    def _train_epoch(self, state, train_step, epoch, first_batch, sums, nonfinite, signals):
+    def _train_epoch(self, state, stage, epoch, first_batch, sums, nonfinite, signals):
         """Train one epoch; returns (state, sums, nonfinite, batch index if interrupted else None)."""
         cfg = self.cfg
-        bar = _progress(cfg.progress, total=self.steps_per_epoch, initial=first_batch,
-                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        pending = None  # metrics of the previous step, read one step late to keep the device busy
-        images = 0
+        steps = self.compiled(stage)
+        pending = None  # the previous step's metrics, read a step late to keep the device busy
         t0 = time.perf_counter()
-        batch_index = first_batch
+        images = 0
+        bar = None
 
-        def consume(item):
+        def consume(metrics, b):
             nonlocal nonfinite, images
-            m, b = item
-            m = jax.device_get(m)
-            if not bool(m["finite"]):
+            if not bool(metrics["finite"]):
                 step_no = epoch * self.steps_per_epoch + b
                 if not cfg.skip_nonfinite:
                     raise TrainingError(
@@ -575,24 +730,36 @@ class Trainer:
                 nonfinite += 1
                 return
             for k in sums:
-                sums[k] += float(m[k])
-            images += int(m["count"])
+                sums[k] += float(metrics[k])
+            images += int(metrics["count"])
             if bar is not None:
                 bar.set_postfix(loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
                                 img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
                 bar.update(1)
 
+        if self.cfg.cache_features:  # one call for the epoch; the steps' metrics come back stacked
+            batches = self.train_loader.stacked(epoch, first_batch)
+            if batches is not None:
+                state, metrics = steps.train_step(state, steps.frozen, self.dp.put_batches(batches))
+                metrics = unpack_metrics(np.asarray(jax.device_get(metrics)), self.metric_names)
+                for i in range(len(batches["label"])):
+                    consume({k: v[i] for k, v in metrics.items()}, first_batch + i)
+            return state, sums, nonfinite, None
+
+        bar = _progress(cfg.progress, total=self.steps_per_epoch, initial=first_batch,
+                        desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        batch_index = first_batch
         try:
             for batch in self._batches(epoch, first_batch):
-                state, metrics = train_step(state, batch)
+                state, metrics = steps.train_step(state, steps.frozen, batch)
                 if pending is not None:
-                    consume(pending)
+                    consume(self._read_metrics(pending[0]), pending[1])
                 pending = (metrics, batch_index)
                 batch_index += 1
                 if signals.received is not None:
                     break
             if pending is not None:
-                consume(pending)
+                consume(self._read_metrics(pending[0]), pending[1])
         finally:
             if bar is not None:
                 bar.close()
@@ -600,6 +767,9 @@ class Trainer:
         if signals.received is not None and batch_index < self.steps_per_epoch:
             return state, sums, nonfinite, batch_index
         return state, sums, nonfinite, None
+
+    def _read_metrics(self, packed) -> dict:
+        return unpack_metrics(np.asarray(jax.device_get(packed)), self.metric_names)
 
     def _batches(self, epoch: int, first: int):
         if self.target_loader is None:
@@ -628,19 +798,19 @@ class Trainer:
 
     def _save(self, state, epoch: int, batch: int, stage: Stage, partial_sums, nonfinite: int, metrics) -> None:
         record = {"epoch": epoch, "batch": batch, "stage": stage.index, "partial": partial_sums,
-                  "nonfinite_skipped": nonfinite}
-        self.ckpts.save(int(state.step), state, record, metrics)
+                  "nonfinite_skipped": nonfinite, "frozen": self.frozen_ref, STATE_LAYOUT_KEY: STATE_TRAINABLE}
+        with self._signals.saving():  # a signal now waits for the save: it never leaves half a checkpoint
+            self.ckpts.save(int(state.step), state, record, metrics)
 
     def _finish(self, state, records, last_eval, nonfinite) -> TrainResult:
         cfg = self.cfg
         export_state = state
         if cfg.export == "best" and self.ckpts.best_step() not in (None, int(state.step)):
-            best = self.ckpts.best_step()
-            record = self.ckpts.record(best)
-            export_state, _ = self.ckpts.restore(best, self.abstract_state(self.stages[int(record["stage"])]), record)
+            export_state, _, _ = self._restore(self.ckpts.best_step())
         final = records[-1] if records else {}
-        params = {k: v for k, v in export_state.params.items() if k != DOMAIN_KEY}  # DANN's adversary stays behind
-        variables = jax.device_get({"params": params, "batch_stats": export_state.batch_stats})
+        # The frozen groups never changed: the run's starting variables with what trained on top.
+        variables = merge(self.variables, jax.device_get(export_state.variables))
+        variables["params"].pop(DOMAIN_KEY, None)  # DANN's adversary stays behind
         meta = {
             "backbone": self.spec.name, "source": self.source, "num_classes": self.num_classes,
             "class_names": self.data.class_names, "preprocessing": self.pre.to_dict(),
@@ -662,7 +832,38 @@ class Trainer:
         if nonfinite:
             self.log(f"{nonfinite} step(s) with a non-finite loss were skipped (--skip-nonfinite)")
         self.log(f"exported the {cfg.export} model to {path}; curves in {self.out / CURVES_FILE}")
-        return TrainResult(self.out, records, state, list(self.skipped), nonfinite)
+        return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
+
+
+@dataclass(frozen=True)
+class _StageSteps:
+    labels: Any        # label tree of the trainable parameters
+    tx: Any            # optax.GradientTransformation over them
+    train_step: Callable  # mapped: (state, frozen, batch) -> (state, metrics); stacked batches with cached features
+    frozen: dict       # the frozen groups' variables, replicated (constants of the step)
+
+
+def _remove_what_this_start_made(folder: Path, before: set[Path]) -> None:
+    """A failed start leaves no trace: the lock file, an empty checkpoints folder and the run folder
+    itself go again if this start made them (``before``: those that existed) and they hold nothing."""
+    try:
+        if folder / ".lock" not in before:
+            (folder / ".lock").unlink(missing_ok=True)
+        ckpts = folder / "checkpoints"
+        if ckpts not in before and ckpts.is_dir() and not any(ckpts.iterdir()):
+            ckpts.rmdir()
+        if folder not in before and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError:
+        pass  # best effort: never hide the error that stopped the start
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _has_img_size(spec: BackboneSpec) -> bool:

@@ -5,10 +5,11 @@ collectives over the axis ``"data"``. Here it is mapped over a 1-D mesh of all
 devices and jitted:
 
 * ``shard_map`` (default; the pmap programming model on the API JAX recommends
-  since pmap went into maintenance): the train state is replicated (``P()``),
-  the batch is a global array split along its first axis (``P("data")``).
-* ``pmap``: the same function under ``jax.pmap``; the state goes in and out
-  unmapped (``in_axes=None`` / ``out_axes=None``) and the batch is
+  since pmap went into maintenance): the train state and the frozen variables
+  are replicated (``P()``), the batch is a global array split along its first
+  axis (``P("data")``).
+* ``pmap``: the same function under ``jax.pmap``; the state and the frozen
+  variables go in unmapped (``in_axes=None`` / ``out_axes=None``) and the batch is
   reshaped to ``(devices, per_device, ...)``. The state is still placed
   replicated over the same mesh (what pmap's ``out_axes=None`` returns): an
   uncommitted first state is a different compilation key, and the step was
@@ -82,22 +83,30 @@ class DataParallel:
 
     # -- steps -------------------------------------------------------------------------
 
-    def train_step(self, step: Callable, donate: bool = True) -> Callable:
-        """(state, batch) -> (state, metrics); metrics are summed over devices."""
-        if self.mapping == "pmap":
-            return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=(None, None), devices=self.devices,
-                            donate_argnums=(0,) if donate else ())
-        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
-        return jax.jit(mapped, donate_argnums=(0,) if donate else ())
+    def train_step(self, step: Callable, donate: bool = True, stacked: bool = False) -> Callable:
+        """(state, frozen, batch) -> (state, metrics); metrics are summed over devices.
 
-    def eval_step(self, step: Callable) -> Callable:
+        The state is donated (its buffers become the new state's); the frozen variables are not.
+        ``stacked``: ``step`` takes batches stacked on a leading steps axis
+        (:func:`jaxtl.training.step.scan_steps`; place them with :meth:`put_batches`).
+        """
+        donate_argnums = (0,) if donate else ()
+        if self.mapping == "pmap":
+            return jax.pmap(step, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None),
+                            devices=self.devices, donate_argnums=donate_argnums)
+        mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(), self._examples(stacked)),
+                               out_specs=(P(), P()), check_vma=False)
+        return jax.jit(mapped, donate_argnums=donate_argnums)
+
+    def eval_step(self, step: Callable, stacked: bool = False) -> Callable:
         """(variables, batch) -> metrics; ``pred`` stays per example, the sums are global."""
-        out_specs = {"loss_sum": P(), "correct": P(), "correct_topk": P(), "count": P(), "pred": P(AXIS)}
+        out_specs = {"loss_sum": P(), "correct": P(), "correct_topk": P(), "count": P(),
+                     "pred": self._examples(stacked)}
         if self.mapping == "pmap":
             out_axes = {k: (0 if k == "pred" else None) for k in out_specs}
             return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=out_axes, devices=self.devices)
-        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
-                                     check_vma=False))
+        return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), self._examples(stacked)),
+                                     out_specs=out_specs, check_vma=False))
 
     def map_batch_fn(self, fn: Callable, out_spec: Any = None) -> Callable:
         """A function of (params, batch) with per-example outputs (feature caching)."""
@@ -106,6 +115,11 @@ class DataParallel:
         return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(AXIS)),
                                      out_specs=out_spec if out_spec is not None else P(AXIS), check_vma=False))
 
+    @staticmethod
+    def _examples(stacked: bool) -> P:
+        """How batches are split over the devices: along the examples (after the steps axis if stacked)."""
+        return P(None, AXIS) if stacked else P(AXIS)
+
     # -- data ----------------------------------------------------------------------------
 
     def put_batch(self, batch: dict) -> Any:
@@ -113,7 +127,19 @@ class DataParallel:
         if self.mapping == "pmap":
             n = len(self.local_devices)
             return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
-        sharding = NamedSharding(self.mesh, P(AXIS))
+        return self._put(batch, P(AXIS))
+
+    def put_batches(self, stacked: dict) -> Any:
+        """Host batches stacked on a leading steps axis (``{key: (steps, examples, ...)}``, e.g.
+        ``ArrayLoader.stacked``), for a ``stacked`` step."""
+        if self.mapping == "pmap":  # (steps, examples, ...) -> (devices, steps, examples per device, ...)
+            n = len(self.local_devices)
+            return {k: np.moveaxis(v.reshape(v.shape[0], n, v.shape[1] // n, *v.shape[2:]), 1, 0)
+                    for k, v in stacked.items()}
+        return self._put(stacked, P(None, AXIS))
+
+    def _put(self, batch: dict, spec: P) -> Any:
+        sharding = NamedSharding(self.mesh, spec)
         if jax.process_count() == 1:
             return jax.device_put(batch, sharding)
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
@@ -128,10 +154,15 @@ class DataParallel:
         sharding = NamedSharding(self.mesh, P())
         return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
-    def unshard_per_example(self, x: Any) -> np.ndarray:
-        """Per-example outputs back to one host array in batch order."""
+    def unshard_per_example(self, x: Any, stacked: bool = False) -> np.ndarray:
+        """Per-example outputs back to one host array in batch order (batch after batch if ``stacked``)."""
         x = np.asarray(jax.device_get(x) if jax.process_count() == 1 else
                        jax.experimental.multihost_utils.process_allgather(x, tiled=True))
         if self.mapping == "pmap":
+            if stacked:  # (devices, steps, per device) -> (steps, devices, per device)
+                x = np.moveaxis(x, 0, 1)
+                return x.reshape(-1, *x.shape[3:])
+            x = x.reshape(-1, *x.shape[2:])
+        elif stacked:
             x = x.reshape(-1, *x.shape[2:])
         return x

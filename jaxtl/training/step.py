@@ -1,4 +1,4 @@
-"""Per-device train and eval steps: ``(state, batch, ...) -> (state, metrics)``.
+"""Per-device train and eval steps: ``(state, frozen, batch) -> (state, metrics)``.
 
 Written once, for one device; :mod:`jaxtl.training.parallel` maps them over
 all devices. With ``axis_name`` set, gradients and metrics are summed across
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxtl.training.state import TrainState
+from jaxtl.training.state import TrainState, merge, select_like
 
 Prepare = Callable[[jax.Array, jax.Array], jax.Array]  # (rng, uint8 images) -> float32 model input
 
@@ -36,13 +36,37 @@ def _psum(x, axis_name):
     return lax.psum(x, axis_name) if axis_name else x
 
 
-def stop_frozen_gradients(params: Any, trainable: Any) -> Any:
-    """Frozen leaves become constants: JAX then builds no backward pass for them
-    (nor for layers whose inputs and parameters are all constant)."""
-    return jax.tree.map(lambda p, t: p if t else lax.stop_gradient(p), params, trainable)
+def step_key(state: TrainState, axis_name: str | None) -> jax.Array:
+    """This step's key: the run's root key folded with the step (and the device index)."""
+    key = jax.random.fold_in(state.key, state.step)
+    if axis_name:
+        key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    return key
 
 
-Forward = Callable[[Any, Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats: Any,
+                    tx: optax.GradientTransformation, axis_name: str | None):
+    """The update every objective shares: sum over devices, optimizer, plateau scale, non-finite guard.
+
+    ``grads`` and ``loss`` are this device's; returns ``(new state, global loss, gradient norm, finite)``.
+    A non-finite loss or gradient leaves the state as it was (the loop stops or skips the step, as
+    the user asked) - never half-applied. The guard selects between two trees of trainable leaves
+    only: the frozen variables are not part of the state.
+    """
+    grads = _psum(grads, axis_name)
+    loss = _psum(loss, axis_name)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+    return new, loss, grad_norm, finite
+
+
+# (variables, inputs, key) -> (logits, the model's batch statistics after the pass)
+Forward = Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
@@ -53,71 +77,114 @@ def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
     """
     frozen = tuple(frozen)
 
-    def forward(params, batch_stats, images, key):
+    def forward(variables, images, key):
         aug_key, dropout_key = jax.random.split(key)
         x = prepare(aug_key, images)
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, frozen=frozen,
-                                      mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        return logits, updates.get("batch_stats", batch_stats)
+        logits, updates = model.apply(variables, x, train=True, frozen=frozen, mutable=["batch_stats"],
+                                      rngs={"dropout": dropout_key})
+        return logits, updates.get("batch_stats", variables.get("batch_stats", {}))
 
     return forward
+
+
+def head_logits(head: dict, features: jax.Array, key: jax.Array | None = None, drop_rate: float = 0.0):
+    """The classifier on pooled features: dropout (in training, with ``key``) + Dense."""
+    x = features.astype(jnp.float32)
+    if key is not None and drop_rate > 0:
+        keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
+    return x @ head["kernel"] + head.get("bias", 0.0)
+
+
+def head_params(params: dict, head_path: Sequence[str]) -> dict:
+    for name in head_path:
+        params = params[name]
+    return params
 
 
 def head_forward(head_path: Sequence[str], drop_rate: float = 0.0) -> Forward:
     """The classifier alone on cached features (``--cache-features``): dropout + Dense."""
 
-    def forward(params, batch_stats, features, key):
-        head = params
-        for name in head_path:
-            head = head[name]
-        x = features.astype(jnp.float32)
-        if drop_rate > 0:
-            keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
-            x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
-        logits = x @ head["kernel"] + head.get("bias", 0.0)
-        return logits, batch_stats
+    def forward(variables, features, key):
+        logits = head_logits(head_params(variables["params"], head_path), features, key, drop_rate)
+        return logits, variables.get("batch_stats", {})
 
     return forward
 
 
-def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, trainable: Any, num_classes: int,
+def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_classes: int,
                     label_smoothing: float = 0.0, axis_name: str | None = None):
-    """The per-device train step for one strategy stage."""
+    """The per-device train step for one strategy stage: ``(state, frozen, batch) -> (state, metrics)``.
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.key, state.step)
-        if axis_name:
-            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    ``frozen`` holds the frozen groups' variables (:func:`jaxtl.strategies.split_variables`):
+    constants here, so neither a gradient nor an update is computed for them, and XLA drops
+    the backward pass of every layer whose inputs and parameters are all constant.
+    """
+
+    def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
+        key = step_key(state, axis_name)
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         total = jnp.maximum(_psum(jnp.sum(weight), axis_name), 1.0)
 
         def loss_fn(params):
-            params = stop_frozen_gradients(params, trainable)
-            logits, batch_stats = forward(params, state.batch_stats, batch["image"], key)
+            variables = merge(frozen, {"params": params, "batch_stats": state.batch_stats})
+            logits, batch_stats = forward(variables, batch["image"], key)
             per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
-            return jnp.sum(per_example * weight) / total, (logits, batch_stats)
+            return jnp.sum(per_example * weight) / total, (logits, select_like(batch_stats, state.batch_stats))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = _psum(grads, axis_name)
-        loss = _psum(loss, axis_name)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        opt_updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), opt_updates)
-        params = optax.apply_updates(state.params, opt_updates)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-        # A non-finite loss or gradient leaves the state untouched (the loop
-        # stops or skips the step, as the user asked) - never half-applied.
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+        new, loss, grad_norm, finite = apply_gradients(state, grads, loss, batch_stats, tx, axis_name)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
         metrics = {"loss_sum": loss * total, "correct": _psum(correct, axis_name), "count": total,
                    "grad_norm": grad_norm, "finite": finite}
         return new, metrics
 
     return train_step
+
+
+# The metrics every train step returns (an objective may add its own after them).
+TRAIN_METRICS = ("loss_sum", "correct", "count", "grad_norm", "finite")
+
+
+def pack_metrics(train_step, names: Sequence[str]):
+    """The step with its metrics as one float32 vector in the order of ``names``: one transfer to the
+    host per step instead of one per metric. :func:`unpack_metrics` turns it back into a dict."""
+    names = tuple(names)
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        state, metrics = train_step(state, frozen, batch)
+        return state, jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in names], axis=-1)
+
+    return step
+
+
+def unpack_metrics(vector, names: Sequence[str]) -> dict:
+    """A host copy of :func:`pack_metrics`' vector (or a stack of them) -> ``{name: value(s)}``."""
+    return {k: vector[..., i] for i, k in enumerate(names)}
+
+
+def scan_steps(train_step):
+    """Several train steps in one call: ``(state, frozen, batches) -> (state, metrics per step)``.
+
+    ``batches`` stack the steps' batches on a leading axis. Used where a step is too small to be
+    worth a dispatch from the host (the head on cached features: an epoch is one call).
+    """
+
+    def steps(state: TrainState, frozen: dict, batches: dict):
+        return lax.scan(lambda s, batch: train_step(s, frozen, batch), state, batches)
+
+    return steps
+
+
+def map_eval(eval_step):
+    """Several evaluation batches in one call: ``(variables, batches) -> outputs per batch``."""
+
+    def evaluate(variables: dict, batches: dict) -> dict:
+        return lax.map(lambda batch: eval_step(variables, batch), batches)
+
+    return evaluate
 
 
 def make_eval_step(apply_logits: Callable[[Any, jax.Array], jax.Array], *, num_classes: int,

@@ -2,14 +2,16 @@
 
 JAXTL_TEST_FAULT = "hang:N" (the N-th save writes all its data, touches
 $JAXTL_TEST_MARKER and then hangs just before committing - a kill -9 lands
-in the middle of the checkpoint write) or "enospc:N" (the N-th save fails as
-a full disk would). The hook is orbax's commit step of a step folder: the
+in the middle of the checkpoint write), "enospc:N" (the N-th save fails as
+a full disk would) or "sigint2:N" (two SIGINTs arrive while the N-th save
+commits, as from a user pressing Ctrl-C twice). The hook is orbax's commit step of a step folder: the
 temporary folder holds the complete data and is renamed into place only after it.
 """
 
 import asyncio
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,10 @@ async def finalize(self):
             await asyncio.sleep(3600)
         elif kind == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device")
+        elif kind == "sigint2":
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                await asyncio.sleep(0.05)
     return await _original(self)
 
 

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import jaxtl  # noqa: E402
 from jaxtl.data.augment import eval_prepare  # noqa: E402
 from jaxtl.optim import OptimConfig, make_optimizer, plateau_init  # noqa: E402
-from jaxtl.strategies import Strategy, all_labels, label_tree, trainable_mask  # noqa: E402
+from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, trainable_labels  # noqa: E402
 from jaxtl.training.parallel import AXIS, DataParallel  # noqa: E402
 from jaxtl.training.state import create_train_state  # noqa: E402
 from jaxtl.training.step import image_forward, make_train_step  # noqa: E402
@@ -53,16 +53,16 @@ cfg = OptimConfig(opt="sgd", lr=0.01 if DANN else 0.05, momentum=0.9, weight_dec
 if DANN:
     variables = {"params": {**variables["params"], DOMAIN_KEY: init_domain_classifier(512, 0)},
                  "batch_stats": variables["batch_stats"]}
-labels = label_tree(spec, variables["params"], strategy.frozen_groups(spec))
+labels = trainable_labels(label_tree(spec, variables["params"], strategy.frozen_groups(spec)))
+trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec))
 tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 1)
 prepare = lambda key, images: eval_prepare(images, pre)  # noqa: E731  (no random crops: same input everywhere)
 if DANN:
-    step = make_dann_step(model, tx, frozen=strategy.frozen_groups(spec), trainable=trainable_mask(labels),
-                          head_path=spec.head_path, num_classes=4, prepare=prepare, total_steps=TOTAL_STEPS,
-                          axis_name=AXIS)
+    step = make_dann_step(model, tx, frozen=strategy.frozen_groups(spec), head_path=spec.head_path, num_classes=4,
+                          prepare=prepare, total_steps=TOTAL_STEPS, axis_name=AXIS)
 else:
     step = make_train_step(image_forward(model, frozen=strategy.frozen_groups(spec), prepare=prepare), tx,
-                           trainable=trainable_mask(labels), num_classes=4, axis_name=AXIS)
+                           num_classes=4, axis_name=AXIS)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
             "label": rng.integers(0, 4, 16).astype(np.int32), "weight": np.ones(16, np.float32)} for _ in range(3)]
@@ -78,7 +78,7 @@ def trajectory(dp, mapped, state):
     """(state, loss) after each batch, starting from ``state``."""
     out = []
     for b in batches:
-        state, m = mapped(dp.replicate(state), dp.put_batch(b))
+        state, m = mapped(dp.replicate(state), dp.replicate(frozen), dp.put_batch(b))
         out.append((state, float(m["loss_sum"])))
     return out
 
@@ -102,7 +102,7 @@ def update_rel(new, ref_new, before) -> float:
 
 
 one = DataParallel("shard_map", jax.devices()[:1])
-start = create_train_state(variables, tx, 0, plateau_init(cfg))
+start = create_train_state(trainable, tx, 0, plateau_init(cfg))
 ref = trajectory(one, one.train_step(step, donate=False), start)
 befores = [start] + [s for s, _ in ref[:-1]]
 out = {}
@@ -111,7 +111,7 @@ for name, dp in (("shard_map_4", DataParallel("shard_map")), ("pmap_4", DataPara
     run = trajectory(dp, mapped, start)
     params_rel, stats_rel, step_loss_rel = [], [], []
     for before, b, (ref_state, ref_loss) in zip(befores, batches, ref):
-        new, m = mapped(dp.replicate(before), dp.put_batch(b))
+        new, m = mapped(dp.replicate(before), dp.replicate(frozen), dp.put_batch(b))
         loss = float(m["loss_sum"])
         params_rel.append(update_rel(new.params, ref_state.params, before.params))
         stats_rel.append(update_rel(new.batch_stats, ref_state.batch_stats, before.batch_stats))
@@ -123,9 +123,10 @@ for name, dp in (("shard_map_4", DataParallel("shard_map")), ("pmap_4", DataPara
                        "loss_rel": max(abs(a[1] - b[1]) / abs(b[1]) for a, b in zip(run, ref))},
         "one_step": {"params_update_rel": max(params_rel), "stats_update_rel": max(stats_rel),
                      "loss_rel": max(step_loss_rel)},
+        "one_step_params_update_rel_per_step": params_rel,
     }
 out["changed"] = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
-                     zip(jax.tree.leaves(jax.device_get(ref[-1][0].params)), jax.tree.leaves(variables["params"])))
+                     zip(jax.tree.leaves(jax.device_get(ref[-1][0].params)), jax.tree.leaves(trainable["params"])))
 if DANN:
     out["lambda_per_step"] = [float(jax.device_get(ganin_lambda(jnp.float32(i) / TOTAL_STEPS)))
                               for i in range(len(batches))]
