@@ -9,6 +9,7 @@ Public API::
     jaxtl.list_models()
     model, variables, meta = jaxtl.load_model("runs/my-run")        # an exported model
     model, variables, info = jaxtl.load_pretrained("mobilenet_v2")  # published weights, converted once
+    x = jaxtl.preprocess(["photo.jpg"], "mobilenet_v2")               # files -> the normalised batch it expects
 """
 
 # Must run before JAX creates its CPU backend: see jaxtl/_xla_flags.py for why.
@@ -38,6 +39,7 @@ from jaxtl.conversion import convert_state_dict  # noqa: E402
 from jaxtl.weights import read_state_dict  # noqa: E402
 from jaxtl.export import load_model, save_model  # noqa: E402
 from jaxtl.pretrained import load_pretrained  # noqa: E402
+from jaxtl.data.transforms import preprocess  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -48,6 +50,7 @@ __all__ = [
     "load_model",
     "save_model",
     "load_pretrained",
+    "preprocess",
     "get_spec",
     "init_variables",
     "read_state_dict",

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"dann: finetune plus domain-adversarial training towards --target-data "
                         f"(default {d['strategy']})")
     g.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = head rate x this (default 0.1)")
-    g.add_argument("--freeze-until", help="keep the layer groups up to and including this one frozen (e.g. layer2)")
+    g.add_argument("--freeze-until", help="keep the layer groups up to and including this one frozen; a backbone's "
+                                          "groups: python -m jaxtl.models NAME")
     g.add_argument("--unfreeze-every", type=int, help="progressive: unfreeze one group every K epochs (default 1)")
     g.add_argument("--unfreeze-at", help="progressive: explicit schedule EPOCH:GROUP,... e.g. 2:layer4,4:layer3")
     g.add_argument("--layer-decay", type=float, help="layer-wise lr decay (timm): each group below the top gets "

