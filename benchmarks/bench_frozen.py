@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-import jaxtl  # noqa: F401
+import jaxtl
+from jaxtl import runtime
 import jax
 import jax.numpy as jnp
 import optax
@@ -339,6 +340,7 @@ def host_part(args) -> dict:
 
 
 def main() -> None:
+    runtime.configure(compile_cache=False)  # jaxtl's CPU settings, before JAX starts; compiles are timed
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--models", default="mobilenet_v2,resnet50", help="feature_extract_step: backbones")

@@ -1,6 +1,6 @@
 """How much glibc's handling of large blocks costs jaxtl and PyTorch.
 
-``import jaxtl`` now keeps XLA's step memory itself (jaxtl/_host_memory.py:
+``jaxtl.runtime.configure()`` keeps XLA's step memory itself (jaxtl/runtime.py:
 synchronous CPU dispatch plus ``mallopt``, process-wide, so PyTorch in the same
 process runs under it too); ``--setting untuned`` (``JAXTL_NO_MALLOC_TUNING=1``)
 measures both sides with glibc's defaults instead. The other settings, below,

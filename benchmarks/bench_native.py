@@ -1,6 +1,6 @@
 """What jaxtl's native CPU kernels buy: the same jaxtl step with and without them, in one process.
 
-The native kernels (``jaxtl/native``, built on first use with the system's C++
+The native kernels (``jaxtl/ops/native``, built on first use with the system's C++
 compiler) compute the depthwise convolution's kernel gradient in one pass over
 the layer (MobileNetV2, EfficientNet-B0, ConvNeXt-Tiny) and a ViT's multi-head
 attention forward and backward per (image, head); without them
@@ -20,8 +20,8 @@ import argparse
 import gc
 import os
 
-import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
-from jaxtl import native
+from jaxtl import runtime
+import jaxtl.ops.native as native
 
 from bench_throughput import jaxtl_job
 from common import add_timing_args, alternate, log, machine, markdown_table, median, parse_timing_args, write_json
@@ -50,6 +50,7 @@ def step_pair(name: str, size: int, mode: str, batch: int) -> dict:
 
 
 def main() -> None:
+    runtime.configure(compile_cache=False)  # jaxtl's CPU settings, before JAX starts; compiles are timed
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))

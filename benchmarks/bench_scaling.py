@@ -105,7 +105,10 @@ def main(argv=None) -> int:
 
     from common import alternate, log, machine, markdown_table, median, peak_rss_mib, write_json
 
-    import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
+    import jaxtl
+    from jaxtl import runtime
+
+    runtime.configure(compile_cache=False)  # jaxtl's CPU settings, before JAX starts; compiles are timed
     import jax
 
     from bench_throughput import jaxtl_job

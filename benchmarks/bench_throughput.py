@@ -35,7 +35,8 @@ import time
 
 import numpy as np
 
-import jaxtl  # noqa: F401  (sets the XLA CPU flags before JAX starts)
+import jaxtl
+from jaxtl import runtime
 import jax
 import jax.numpy as jnp
 
@@ -251,6 +252,7 @@ def torch_jobs(name: str, size: int, mode: str, batch: int, dtype: str, device: 
 
 
 def main() -> None:
+    runtime.configure(compile_cache=False)  # jaxtl's CPU settings, before JAX starts; compiles are timed
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))

@@ -85,11 +85,11 @@ def machine() -> dict:
     except Exception:  # noqa: BLE001
         pass
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    # jaxtl/_host_memory.py: synchronous CPU dispatch + glibc heap keeps step memory
+    # jaxtl.runtime.configure(): synchronous CPU dispatch + glibc heap keeps step memory
     # (process-wide, so PyTorch in the same process runs under it too).
-    jaxtl = sys.modules.get("jaxtl")
-    if jaxtl is not None:
-        info["jaxtl_keeps_step_memory"] = bool(getattr(jaxtl, "_STEP_MEMORY_KEPT", False))
+    runtime = sys.modules.get("jaxtl.runtime")
+    if runtime is not None:
+        info["jaxtl_keeps_step_memory"] = runtime.settings().step_memory_kept
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=Path(__file__).parent).stdout.strip()

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from jaxtl.compile_cache import enable_compile_cache
+from jaxtl import runtime
 from jaxtl.errors import JaxtlError
 
 EXIT_USER_ERROR = 2
@@ -20,7 +20,7 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
     """
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
-    enable_compile_cache()
+    runtime.configure()
     try:
         return int(main(args) or 0)
     except JaxtlError as e:

@@ -58,19 +58,70 @@ def checkpoint_num_classes(spec: BackboneSpec, src: SourceSpec, arrays: Mapping[
     return None
 
 
-def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | None = None, *,
-                       head: str = "keep", num_classes: int | None = None, seed: int = 0,
-                       **model_kwargs) -> dict:
-    """Convert a torchvision/timm state dict to ``{"params": ..., "batch_stats": ...}``.
+def from_state_dict(name: str, state_dict: Mapping[str, Any], source: str | None = None, *,
+                    head: str = "keep", num_classes: int | None = None, seed: int = 0, **model_kwargs):
+    """The Flax model built for these weights and its converted variables: ``(model, variables)``.
+
+        model, variables = jaxtl.from_state_dict("resnet50", torch_model.state_dict(), source="torchvision")
+        logits = model.apply(variables, images, train=False)
 
     ``head="keep"`` converts the checkpoint's classifier as is (``num_classes``,
     if given, must match it). ``head="new"`` keeps the backbone and gives a
     freshly initialised ``num_classes``-way head (from ``seed``): the transfer
     learning case. Any other missing, unexpected or mis-shaped key is a
-    :class:`ConversionError` that names it.
+    :class:`ConversionError` that names it. ``source`` defaults to the one the
+    name implies (torchvision's names, or timm's).
     """
     spec, implied = resolve(name)
     src = spec.source(source or implied)
+    return _convert(spec, src, state_dict, head, num_classes, seed, model_kwargs)
+
+
+def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | None = None, *,
+                       head: str = "keep", num_classes: int | None = None, seed: int = 0, model=None,
+                       **model_kwargs) -> dict:
+    """:func:`from_state_dict`'s variables alone, ``{"params": ..., "batch_stats": ...}``.
+
+    Where a source's weights need a model built for them (timm's MobileNetV3
+    uses another BatchNorm epsilon than torchvision's), pass that ``model``
+    (``jaxtl.create_model(name, source=...)``); it is checked against the source.
+    Without it such a conversion is refused, since the name's default model
+    would give other logits without saying so.
+    """
+    spec, implied = resolve(name)
+    src = spec.source(source or implied)
+    _check_model_fits(spec, src, implied, model, model_kwargs)
+    return _convert(spec, src, state_dict, head, num_classes, seed, model_kwargs)[1]
+
+
+def _check_model_fits(spec: BackboneSpec, src: SourceSpec, implied: str, model, model_kwargs: dict) -> None:
+    """The model these variables will be applied with computes what ``src``'s weights were trained with.
+
+    Dropout and stochastic-depth rates are training choices, not part of what the weights compute.
+    """
+    def computed(kwargs):
+        return {k: v for k, v in kwargs.items() if "drop" not in k}
+
+    wanted = computed({**src.model_kwargs, **model_kwargs})
+    build = f"jaxtl.create_model({spec.name!r}, source={src.name!r})"
+    if model is not None:
+        wrong = [f"{k}={getattr(model, k)!r} where they need {v!r}" for k, v in sorted(wanted.items())
+                 if hasattr(model, k) and getattr(model, k) != v]
+        if wrong:
+            raise ConversionError(f"the model was not built for {spec.name}'s {src.name} weights: it has "
+                                  f"{'; '.join(wrong)}; build it with {build}, or use jaxtl.from_state_dict, which "
+                                  "returns the model with its variables")
+        return
+    default, needed = computed(spec.source(implied).model_kwargs), computed(src.model_kwargs)
+    differ = sorted(k for k in set(default) | set(needed) if default.get(k) != needed.get(k))
+    if differ:
+        raise ConversionError(f"{spec.name}'s {src.name} weights need a model built for them ({', '.join(differ)} "
+                              f"differ from jaxtl.create_model({spec.name!r})'s); use model, variables = "
+                              f"jaxtl.from_state_dict(...), or pass model={build}")
+
+
+def _convert(spec: BackboneSpec, src: SourceSpec, state_dict: Mapping[str, Any], head: str,
+             num_classes: int | None, seed: int, model_kwargs: dict):
     if head not in ("keep", "new"):
         raise ConfigError(f"head must be 'keep' or 'new', got {head!r}")
     arrays = unwrap_state_dict(state_dict, "state dict")
@@ -138,7 +189,7 @@ def convert_state_dict(name: str, state_dict: Mapping[str, Any], source: str | N
 
     if new_head:
         out.update(init_head({p: shapes[p] for p in new_head}, seed))
-    return traverse_util.unflatten_dict(out)
+    return model, traverse_util.unflatten_dict(out)
 
 
 def _refuse_other_architecture(spec: BackboneSpec, src: SourceSpec, arrays: Mapping[str, Any], ignored: set,

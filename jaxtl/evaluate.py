@@ -42,7 +42,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from jaxtl.data.loader import Loader
     from jaxtl.data.sources import load_dataset
     from jaxtl.export import load_model
-    from jaxtl.registry import Preprocessing
+    from jaxtl.data.preprocessing import Preprocessing
     from jaxtl.training.report import confusion_matrix, per_class_accuracy
     from jaxtl.training.step import make_eval_step
 

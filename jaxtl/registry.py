@@ -6,8 +6,9 @@ names its tensors (the key map used by :mod:`jaxtl.convert`), which pretrained
 files exist and how their images were preprocessed, the ordered layer groups
 that transfer strategies freeze and unfreeze, and where the classifier head is.
 
-Model families register their specs when :mod:`jaxtl.models` is imported
-(one family per file, like timm).
+A catalogue: it imports no model code. Model families register their specs
+when :mod:`jaxtl.models` is imported (one family per file, like timm), which
+``import jaxtl`` does.
 """
 
 from __future__ import annotations
@@ -19,68 +20,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxtl.data.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,  # noqa: F401
+                                      Preprocessing, timm_preprocessing)
 from jaxtl.errors import ConfigError, UnknownModelError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INCEPTION_MEAN = (0.5, 0.5, 0.5)
-INCEPTION_STD = (0.5, 0.5, 0.5)
 
 # A leaf of a Flax variable tree: (collection, module path..., leaf name),
 # e.g. ("params", "layer1_0", "conv1", "kernel").
 FlaxPath = tuple[str, ...]
 # A transform from the PyTorch array to the Flax array.
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images were prepared when the weights were trained / evaluated.
-
-    Evaluation: resize the shorter side to ``resize_size`` with
-    ``interpolation``, center-crop ``input_size``, scale to [0, 1], subtract
-    ``mean`` and divide by ``std`` (torchvision's and timm's eval transforms).
-    """
-
-    input_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @property
-    def crop_pct(self) -> float:
-        return self.input_size / self.resize_size
-
-    def at_size(self, input_size: int) -> "Preprocessing":
-        """The same recipe at another input size, keeping the crop ratio."""
-        resize = int(round(input_size / self.crop_pct))
-        return Preprocessing(input_size, resize, self.mean, self.std, self.interpolation)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_size": self.input_size,
-            "resize_size": self.resize_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
-        return cls(
-            int(d["input_size"]),
-            int(d["resize_size"]),
-            tuple(d["mean"]),
-            tuple(d["std"]),
-            str(d.get("interpolation", "bilinear")),
-        )
-
-
-def timm_preprocessing(input_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Preprocessing:
-    """timm's eval transform: resize to floor(input_size / crop_pct), center crop."""
-    return Preprocessing(input_size, int(input_size / crop_pct), tuple(mean), tuple(std), interpolation)
 
 
 @dataclass(frozen=True)
@@ -211,13 +159,8 @@ def register(spec: BackboneSpec, aliases: Mapping[str, str] | None = None) -> Ba
     return spec
 
 
-def _ensure_models_loaded() -> None:
-    import jaxtl.models  # noqa: F401  (families register on import)
-
-
 def resolve(name: str) -> tuple[BackboneSpec, str]:
     """Look up a name or alias; returns (spec, the source the name implies)."""
-    _ensure_models_loaded()
     if not isinstance(name, str):
         raise UnknownModelError(f"backbone name must be a string, got {type(name).__name__}")
     key = name.strip()
@@ -244,7 +187,6 @@ def list_models(pattern: str | None = None, *, include_aliases: bool = False) ->
     """Names the registry knows, sorted; ``pattern`` is a shell-style wildcard."""
     import fnmatch
 
-    _ensure_models_loaded()
     names = set(_REGISTRY)
     if include_aliases:
         names |= set(_ALIASES)
@@ -331,3 +273,10 @@ def standard_key_map(flax_path: FlaxPath, rename: Callable[[tuple[str, ...]], st
         raise KeyError(f"no PyTorch name for Flax leaf {'/'.join(flax_path)}") from None
     prefix = rename(tuple(modules)) if rename else ".".join(torch_module_name(m) for m in modules)
     return f"{prefix}.{torch_leaf}" if prefix else torch_leaf
+
+
+def conv1x1_to_dense(w: np.ndarray) -> np.ndarray:
+    """A 1x1 conv weight (O, I, 1, 1) as a Dense kernel (I, O)."""
+    if w.ndim != 4 or w.shape[2:] != (1, 1):
+        return w  # the converter reports the shape mismatch with the key's name
+    return w[:, :, 0, 0].T

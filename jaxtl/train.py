@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 from pathlib import Path
 from typing import Sequence
 
 from jaxtl.cli import EXIT_USER_ERROR
-from jaxtl.compile_cache import enable_compile_cache
+from jaxtl import runtime
 from jaxtl.errors import ConfigError, Interrupted, JaxtlError, TrainingError
 
 EXIT_INTERRUPTED = 130
 EXIT_TRAINING_STOPPED = 3
 
-# The offline default (what `python -m jaxtl.train` with no arguments runs).
-DEFAULTS = dict(
-    backbone="mobilenet_v2", data="digits", strategy="feature_extract", cache_features=True, epochs=15,
-    batch_size=32, opt="adam", lr=1e-3, sched="cosine", output="runs/default",
-)
 
 
 def _pairs(text: str, sep: str, key_type, value_type, what: str):
@@ -52,11 +48,22 @@ def fresh_output(base: Path) -> Path:
     return candidate
 
 
+def _defaults() -> dict:
+    """The flags' defaults, read from the library's own (jaxtl.TrainConfig): one source for both."""
+    import dataclasses
+
+    from jaxtl.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    return {**dataclasses.asdict(cfg.optim), **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "optim"},
+            "strategy": cfg.strategy.kind}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxtl.train", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    d = DEFAULTS
+    d = _defaults()
 
     g = p.add_argument_group("model and weights")
     g.add_argument("--backbone", help=f"registered backbone (default {d['backbone']}); list: "
@@ -169,29 +176,25 @@ def config_from_args(args: argparse.Namespace):
 
     from jaxtl.optim import OptimConfig
     from jaxtl.strategies import Strategy
-    from jaxtl.training.loop import CONFIG_FILE, TrainConfig
+    from jaxtl.training.config import CONFIG_FILE, TrainConfig
 
     given = vars(args).copy()
     given.pop("debug", None)
     if given.get("resume", False):
-        out = Path(given.get("output", DEFAULTS["output"]))
+        out = Path(given.get("output", TrainConfig.output))
         try:
             base = TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text()))
         except FileNotFoundError:
             raise ConfigError(f"--resume: {out / CONFIG_FILE} not found; is {out} the --output of an earlier run?") \
                 from None
-        strategy_kw = dataclasses.asdict(base.strategy)
-        optim_kw = dataclasses.asdict(base.optim)
-        top = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)
-               if f.name not in ("strategy", "optim")}
     else:
-        top = {k: DEFAULTS[k] for k in ("backbone", "data", "cache_features", "epochs", "batch_size")}
         # No --output: a rerun of the same command starts a new run beside the earlier ones.
-        top["output"] = str(fresh_output(Path(DEFAULTS["output"])))
-        strategy_kw = {"kind": DEFAULTS["strategy"]}
-        optim_kw = {"opt": DEFAULTS["opt"], "lr": DEFAULTS["lr"], "sched": DEFAULTS["sched"]}
-        if given.get("strategy", DEFAULTS["strategy"]) != DEFAULTS["strategy"]:
-            top["cache_features"] = False  # the cache is the default only for the default strategy
+        base = TrainConfig(output=str(fresh_output(Path(TrainConfig.output))))
+    strategy_kw = dataclasses.asdict(base.strategy)
+    optim_kw = dataclasses.asdict(base.optim)
+    top = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("strategy", "optim")}
+    if not given.get("resume", False):
+        top["cache_features"] = None  # decided by the strategy: on for feature_extract
 
     strategy_map = {"strategy": "kind", "backbone_lr_mult": "backbone_lr_mult", "freeze_until": "freeze_until",
                     "unfreeze_every": "unfreeze_every", "layer_decay": "layer_decay", "lr_spread": "lr_spread"}
@@ -223,15 +226,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    enable_compile_cache()   # reruns, resumes and progressive stages load compiled steps from disk
+    runtime.configure()
     try:
+        from jaxtl.training.config import TrainConfig
         from jaxtl.training.loop import train
         from jaxtl.training.parallel import maybe_initialize_distributed
 
         maybe_initialize_distributed()
         cfg = config_from_args(args)
-        if not getattr(args, "output", None) and not cfg.resume and cfg.output != DEFAULTS["output"]:
-            print(f"{DEFAULTS['output']} holds an earlier run; this one goes to {cfg.output} "
+        if not getattr(args, "output", None) and not cfg.resume and cfg.output != TrainConfig.output:
+            print(f"{TrainConfig.output} holds an earlier run; this one goes to {cfg.output} "
                   "(--output DIR chooses the folder)")
         result = train(cfg)
         final = result.final
@@ -250,5 +254,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _CallableCommandLineModule(types.ModuleType):
+    """Importing this module makes it the package's attribute ``jaxtl.train``, in place of the
+    function of that name; calling it still trains, so ``jaxtl.train(...)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        from jaxtl.training.loop import train
+
+        return train(*args, **kwargs)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+sys.modules[__name__].__class__ = _CallableCommandLineModule

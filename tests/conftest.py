@@ -57,16 +57,19 @@ def pytest_configure(config):
     loads what an earlier one compiled. The size bound switches on JAX's file lock, which
     makes concurrent writers safe. Tests of jaxtl's own cache choice unset it for their runs.
     """
+    from jaxtl import runtime  # the command lines' own settings
+
+    # The tests run under the CPU settings the command lines make, made before any test starts JAX.
+    runtime.configure(compile_cache=False)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") is not None:  # the developer's choice (or a worker's parent)
         return
     base = config._tmp_path_factory.getbasetemp()
     folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
     folder.mkdir(exist_ok=True)
-    from jaxtl.compile_cache import MAX_BYTES, MIN_COMPILE_SECONDS  # the command lines' own settings
 
     settings = {"jax_compilation_cache_dir": str(folder),
-                "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS,
-                "jax_compilation_cache_max_size": MAX_BYTES}
+                "jax_persistent_cache_min_compile_time_secs": runtime.COMPILE_CACHE_MIN_SECONDS,
+                "jax_compilation_cache_max_size": runtime.COMPILE_CACHE_MAX_BYTES}
     os.environ.update({k.upper(): str(v) for k, v in settings.items()})  # read by jax when it is imported
     if "jax" in sys.modules:  # imported already: tell it directly
         import jax

@@ -143,8 +143,7 @@ def check_parity(name: str, source: str, *, size: int = 64, batch: int = 2, seed
         prepare(tmodel, seed)
     state = {k: v.clone() for k, v in tmodel.state_dict().items()}
 
-    variables = jaxtl.convert_state_dict(name, state, source=source, **(jax_kwargs or {}))
-    model = jaxtl.create_model(name, source=source, **(jax_kwargs or {}))
+    model, variables = jaxtl.from_state_dict(name, state, source=source, **(jax_kwargs or {}))
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
@@ -164,7 +163,7 @@ def check_parity(name: str, source: str, *, size: int = 64, batch: int = 2, seed
             lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, jnp.asarray(x))
     result.train_err = rel_err(out_train, ref_train)
     if "batch_stats" in variables:
-        expected = jaxtl.convert_state_dict(name, tmodel.state_dict(), source=source, **(jax_kwargs or {}))
+        _, expected = jaxtl.from_state_dict(name, tmodel.state_dict(), source=source, **(jax_kwargs or {}))
         got = traverse_util.flatten_dict(updates["batch_stats"], sep="/")
         want = traverse_util.flatten_dict(expected["batch_stats"], sep="/")
         assert got.keys() == want.keys()

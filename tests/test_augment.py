@@ -11,7 +11,7 @@ import pytest
 
 from jaxtl.data import augment
 from jaxtl.data.transforms import normalize
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 PRE = Preprocessing(input_size=48, resize_size=64)
 JITTER = (0.4, 0.4, 0.4, 0.1)

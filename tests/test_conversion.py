@@ -15,23 +15,30 @@ from jaxtl.errors import ConfigError, ConversionError, UnknownModelError
 
 def resnet18_state(num_classes: int = 1000) -> dict[str, np.ndarray]:
     """A complete resnet18 state dict in torchvision naming, without torch."""
+    return state_in_torch_names("resnet18", "torchvision", num_classes)
+
+
+def state_in_torch_names(name: str, source: str, num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """A complete random state dict of ``name`` in ``source``'s names and layouts, without torch."""
     from flax import traverse_util
 
     from jaxtl.conversion import _ref
     from jaxtl.models import abstract_variables
+    from jaxtl.registry import conv1x1_to_dense
 
-    spec = jaxtl.get_spec("resnet18")
-    src = spec.source("torchvision")
-    shapes = traverse_util.flatten_dict(abstract_variables(jaxtl.create_model("resnet18", num_classes), spec))
+    spec = jaxtl.get_spec(name)
+    src = spec.source(source)
+    model = jaxtl.create_model(name, num_classes, source=source)
+    shapes = traverse_util.flatten_dict(abstract_variables(model, spec))
     rng = np.random.default_rng(0)
     out = {}
     for path, sds in shapes.items():
-        key = _ref(src, path)[0]
+        key, transform = _ref(src, path)
         shape = sds.shape
         if len(shape) == 4:
             shape = (shape[3], shape[2], shape[0], shape[1])
         elif len(shape) == 2:
-            shape = (shape[1], shape[0])
+            shape = (shape[1], shape[0], 1, 1) if transform is conv1x1_to_dense else (shape[1], shape[0])
         out[key] = rng.standard_normal(shape).astype(np.float32)
         if key.endswith(".running_mean"):
             out[key.replace("running_mean", "num_batches_tracked")] = np.array(3, np.int64)
@@ -188,3 +195,18 @@ def test_convert_cli_resamples_vit_and_verifies_against_the_library(tmp_path):
     model, variables, meta = jaxtl.load_model(tmp_path / "vit288")
     assert meta["model_kwargs"] == {"img_size": 288} and meta["preprocessing"]["input_size"] == 288
     assert variables["params"]["pos_embed"].shape[1] == 1 + 18 * 18
+
+
+def test_a_model_built_for_other_weights_is_refused_not_silently_off(tmp_path):
+    """timm's MobileNetV3 uses BatchNorm eps 1e-5, torchvision's 1e-3: converting timm's weights for the name's
+    default (torchvision) model would give other logits without a word, so it is refused; one call returns both."""
+    model = jaxtl.create_model("mobilenet_v3_small", num_classes=10, source="timm")
+    state = state_in_torch_names("mobilenet_v3_small", "timm", 10)
+    with pytest.raises(jaxtl.ConversionError, match=r"bn_epsilon, bn_momentum differ .*from_state_dict"):
+        jaxtl.convert_state_dict("mobilenet_v3_small", state, source="timm")
+    wrong = jaxtl.create_model("mobilenet_v3_small", num_classes=10)   # torchvision's, the name's default
+    with pytest.raises(jaxtl.ConversionError, match=r"not built for .*bn_epsilon=0.001 where they need 1e-05"):
+        jaxtl.convert_state_dict("mobilenet_v3_small", state, source="timm", model=wrong)
+    variables = jaxtl.convert_state_dict("mobilenet_v3_small", state, source="timm", model=model)
+    built, same = jaxtl.from_state_dict("mobilenet_v3_small", state, source="timm")
+    assert built.bn_epsilon == 1e-5 and jax.tree.all(jax.tree.map(np.array_equal, variables, same))

@@ -31,7 +31,7 @@ from jaxtl.data.sources import (ArraySource, Dataset, FileSource, Source, array_
                                 scan_files, stratified_split)
 from jaxtl.data.transforms import center_crop, eval_crop, eval_transform, resize_shorter_side
 from jaxtl.errors import ConfigError, DataError
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 PRE = Preprocessing(input_size=16, resize_size=20)  # small, for the loader tests
 IDENT = Preprocessing(input_size=8, resize_size=8)  # 8x8 images pass through unchanged

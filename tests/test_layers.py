@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxtl.models.layers import (BatchNorm, Conv2d, LayerNorm, Linear, _conv_by_patches, _conv_by_taps, gelu_exact,
-                                 max_pool)
+from jaxtl.models.layers import BatchNorm, Conv2d, LayerNorm, Linear, gelu_exact, max_pool
+from jaxtl.ops.conv import conv_by_patches, conv_by_taps
 
 
 @pytest.mark.parametrize("hw,k,stride,padding,dilation", [(2, 3, 1, 1, 1), (1, 3, 1, 1, 1), (3, 3, 2, 1, 1),
@@ -26,7 +26,7 @@ def test_conv_by_taps_equals_xla_conv(hw, k, stride, padding, dilation):
                                         rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def taps(x, w):
-        return _conv_by_taps(x, w, stride, padding, dilation)
+        return conv_by_taps(x, w, stride, padding, dilation)
 
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(taps(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
@@ -50,11 +50,11 @@ def test_conv_by_patches_equals_xla_conv_and_is_used_for_patch_embeddings(h, w, 
         return lax.conv_general_dilated(x, w, (k, k), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(_conv_by_patches(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(conv_by_patches(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
         # A fixed random cotangent (a sin() loss would amplify the forward's rounding
         # of sums of k*k*3 products, |y| ~ 30, into the gradients).
         cot = jax.random.normal(jax.random.key(7), ref(x, kernel).shape)
-        g = jax.grad(lambda x, w: jnp.sum(_conv_by_patches(x, w) * cot), argnums=(0, 1))(x, kernel)
+        g = jax.grad(lambda x, w: jnp.sum(conv_by_patches(x, w) * cot), argnums=(0, 1))(x, kernel)
         g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, kernel)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))

@@ -9,10 +9,11 @@ import pytest
 from flax import traverse_util
 
 import jaxtl
-from jaxtl import native
+import jaxtl.ops.native as native
 from jaxtl.models import abstract_variables, create_model
-from jaxtl.models import layers
-from jaxtl.models.layers import DEPTHWISE_ENV, DepthwiseConv, depthwise_conv, depthwise_impl
+import jaxtl.ops.depthwise as depthwise_ops
+from jaxtl.models.layers import DepthwiseConv
+from jaxtl.ops import depthwise_conv2d as depthwise_conv, depthwise_impl, reference_implementations
 from parity import check_parity, randomize_biases, rel_err
 
 MODELS = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large"]
@@ -155,7 +156,7 @@ def test_depthwise_kernel_grad_in_batch_slices(monkeypatch, images_per_slice, st
     n, h, w, c = 5, 13, 11, 24
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     per_image = ((h + 2) * (w + 2) + out_h * out_w) * c * 4
-    monkeypatch.setattr(layers, "KERNEL_GRAD_SLICE_BYTES", images_per_slice * per_image)
+    monkeypatch.setattr(depthwise_ops, "KERNEL_GRAD_SLICE_BYTES", images_per_slice * per_image)
     rng = np.random.default_rng(stride)
     x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((3, 3, 1, c)), jnp.float32)
@@ -167,7 +168,7 @@ def test_depthwise_kernel_grad_in_batch_slices(monkeypatch, images_per_slice, st
     with jax.default_matmul_precision("highest"):
         ref = kernel_grad("grouped")
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    jaxpr = str(jax.make_jaxpr(lambda k: layers._depthwise_kernel_grad_taps(padded, cot, k.shape, stride, 1))(k))
+    jaxpr = str(jax.make_jaxpr(lambda k: depthwise_ops._depthwise_kernel_grad_taps(padded, cot, k.shape, stride, 1))(k))
     slices, rest = divmod(n, images_per_slice)
     # taps loops: one per whole slice (in a loop over slices when there are several), one for the rest
     assert jaxpr.count("scan") == (2 if slices > 1 else 1) + (1 if rest else 0)
@@ -188,18 +189,16 @@ def test_depthwise_matches_torch_conv():
     assert rel_err(layer.apply(variables, x), ref) <= 1e-5
 
 
-def test_depthwise_impl_selection(monkeypatch):
-    monkeypatch.delenv(DEPTHWISE_ENV, raising=False)
+def test_depthwise_impl_selection():
     assert depthwise_impl() == ("shift_add" if jax.default_backend() == "cpu" else "grouped")
-    monkeypatch.setenv(DEPTHWISE_ENV, "grouped")
-    assert depthwise_impl() == "grouped"
-    assert depthwise_impl("shift_add") == "shift_add"  # the module attribute wins over the variable
-    layer = DepthwiseConv(3)
-    jaxpr = str(jax.make_jaxpr(lambda x: layer.init_with_output(jax.random.key(0), x))(jnp.ones((1, 4, 4, 2))))
+    with reference_implementations():
+        assert depthwise_impl() == "grouped"
+        assert depthwise_impl("shift_add") == "shift_add"  # the model's own choice wins
+        layer = DepthwiseConv(3)
+        jaxpr = str(jax.make_jaxpr(lambda x: layer.init_with_output(jax.random.key(0), x))(jnp.ones((1, 4, 4, 2))))
     assert "feature_group_count=2" in jaxpr
-    monkeypatch.setenv(DEPTHWISE_ENV, "fast")
-    with pytest.raises(jaxtl.ConfigError):
-        depthwise_impl()
+    with pytest.raises(jaxtl.ConfigError, match="unknown depthwise implementation"):
+        depthwise_impl("fast")
 
 
 # ---------------------------------------------------------------------------

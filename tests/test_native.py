@@ -1,4 +1,4 @@
-"""The native CPU kernels (jaxtl/native): the depthwise convolution's kernel gradient and multi-head attention."""
+"""The native CPU kernels (jaxtl/ops/native): the depthwise convolution's kernel gradient and multi-head attention."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtl import native
-from jaxtl.models import layers
-from jaxtl.models.layers import depthwise_conv, multi_head_attention
+import jaxtl.ops.native as native
+import jaxtl.ops.attention as attention_ops
+import jaxtl.ops.depthwise as depthwise_ops
+from jaxtl.ops import depthwise_conv2d as depthwise_conv, multi_head_attention, output_size
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are CPU kernels")
 
@@ -46,11 +47,11 @@ def test_kernel_grad_equals_the_definition_and_the_xla_taps(k, stride, dilation,
     pad = (k - 1) // 2 * dilation
     padded = jnp.asarray(np.pad(rng.standard_normal((n, h, w, channels)), ((0, 0), (pad, pad), (pad, pad), (0, 0))),
                          jnp.float32)
-    out_h, out_w = layers.output_size(h, k, stride, pad, dilation), layers.output_size(w, k, stride, pad, dilation)
+    out_h, out_w = output_size(h, k, stride, pad, dilation), output_size(w, k, stride, pad, dilation)
     grad = jnp.asarray(rng.standard_normal((n, out_h, out_w, channels)), jnp.float32)
     got = jax.jit(lambda p, g: native.depthwise_kernel_grad(p, g, (k, k), stride, dilation))(padded, grad)
     ref = reference_kernel_grad(padded, grad, k, stride, dilation)
-    taps = layers._depthwise_kernel_grad_taps(padded, grad, (k, k, 1, channels), stride, dilation)
+    taps = depthwise_ops._depthwise_kernel_grad_taps(padded, grad, (k, k, 1, channels), stride, dilation)
     assert got.shape == (k * k, channels) and got.dtype == jnp.float32
     scale = np.abs(ref).max()
     assert np.abs(np.asarray(got).reshape(k, k, channels) - ref).max() <= 1e-6 * scale * np.sqrt(n * h * w)
@@ -95,11 +96,11 @@ def test_depthwise_gradient_uses_the_native_kernel_and_matches_xla(monkeypatch):
 def test_a_failed_build_says_why_once_and_training_code_falls_back(tmp_path):
     code = (
         "import jax, jax.numpy as jnp\n"
-        "from jaxtl.models.layers import depthwise_conv\n"
+        "from jaxtl.ops import depthwise_conv2d as depthwise_conv\n"
         "x = jnp.ones((2, 8, 8, 4)); k = jnp.ones((3, 3, 1, 4))\n"
         "f = jax.grad(lambda k: depthwise_conv(x, k, 1, 1, 1, 'shift_add').sum())\n"
         "print(float(f(k).sum())); print(float(jax.jit(f)(k).sum()))\n"
-        "from jaxtl.models.layers import multi_head_attention\n"
+        "from jaxtl.ops import multi_head_attention\n"
         "q = jnp.ones((1, 3, 1, 16))\n"
         "print(float(jax.jit(jax.grad(lambda v: multi_head_attention(q, q, v).sum()))(q).sum()))\n"
     )
@@ -123,8 +124,8 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import json, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
-from jaxtl import native
-from jaxtl.models.layers import depthwise_conv, multi_head_attention
+import jaxtl.ops.native as native
+from jaxtl.ops import depthwise_conv2d as depthwise_conv, multi_head_attention
 assert native.available() and jax.device_count() == 4
 rng = np.random.default_rng(0)
 x = jnp.asarray(rng.standard_normal((16, 30, 30, 72)), jnp.float32)
@@ -210,12 +211,12 @@ def test_a_nan_in_attention_stays_nan_like_xla():
     q[0, 3, 0, 5] = np.nan    # image 0, head 0: row 3 of the scores
     k[1, 7, 1, 2] = np.nan    # image 1, head 1: column 7, so every row
     q, k, v = map(jnp.asarray, (q, k, v))
-    fused = jax.jit(lambda q, k, v: layers._fused_attention(q, k, v, 0.25))
-    got, want = np.asarray(fused(q, k, v)), np.asarray(layers._attention_xla(q, k, v, 0.25))
+    fused = jax.jit(lambda q, k, v: attention_ops._fused_attention(q, k, v, 0.25))
+    got, want = np.asarray(fused(q, k, v)), np.asarray(attention_ops._attention_xla(q, k, v, 0.25))
     assert "jaxtl_attention_forward" in fused.lower(q, k, v).as_text()
     assert np.isnan(got[0, 3, 0]).all() and np.isnan(got[1, :, 1]).all()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    dq = np.asarray(jax.jit(jax.grad(lambda q: jnp.sum(layers._fused_attention(q, k, v, 0.25))))(q))
+    dq = np.asarray(jax.jit(jax.grad(lambda q: jnp.sum(attention_ops._fused_attention(q, k, v, 0.25))))(q))
     assert np.isnan(dq).any() and np.isnan(dq[1, :, 1]).all()
 
 
@@ -255,7 +256,7 @@ def test_the_other_platforms_branch_gives_the_kernels_residuals():
     # shared backward the same (y, lse) as the CPU kernel.
     rng = np.random.default_rng(8)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 3, 32)), jnp.float32) for _ in range(3))
-    y, lse = jax.jit(lambda q, k, v: layers._attention_and_lse(q, k, v, 0.2))(q, k, v)
+    y, lse = jax.jit(lambda q, k, v: attention_ops._attention_and_lse(q, k, v, 0.2))(q, k, v)
     y_native, lse_native = jax.jit(lambda q, k, v: native.attention_forward(q, k, v, 0.2))(q, k, v)
     assert y.shape == y_native.shape and lse.shape == lse_native.shape
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_native), rtol=1e-5, atol=1e-5)

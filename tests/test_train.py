@@ -86,10 +86,10 @@ def main_in_process(monkeypatch, capsys):
 
     For refusals that come before training; a subprocess per case costs ~4 s of start-up.
     """
-    from jaxtl.compile_cache import OPT_OUT
+    from jaxtl.runtime import NO_COMPILE_CACHE
     from jaxtl.train import main
 
-    monkeypatch.setenv(OPT_OUT, "1")  # main() must not switch this test process's JAX cache on
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")  # main() must not switch this test process's JAX cache on
 
     def run(*args):
         capsys.readouterr()
@@ -205,26 +205,6 @@ def test_compiled_steps_are_cached_and_a_rerun_loads_them(tmp_path):
     assert any(last_read(p) != t for p, t in read_at.items())      # and read the stored ones
     first, second = flat_variables(tmp_path / "first"), flat_variables(tmp_path / "second")
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
-
-
-def test_compile_cache_respects_the_opt_out_and_the_users_own_setting(monkeypatch, tmp_path):
-    import jax
-
-    from jaxtl.compile_cache import OPT_OUT, compile_cache_dir, enable_compile_cache
-
-    monkeypatch.setenv("JAXTL_CACHE", str(tmp_path))
-    assert compile_cache_dir().parent == tmp_path / "xla"
-    monkeypatch.setenv(OPT_OUT, "1")
-    assert enable_compile_cache() is None
-    monkeypatch.delenv(OPT_OUT)
-    before = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
-    try:
-        assert enable_compile_cache() is None
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
-    assert not (tmp_path / "xla").exists()
 
 
 def test_export_best_exports_the_best_checkpoint_not_the_last_state(tmp_path, monkeypatch, main_in_process):
@@ -419,3 +399,24 @@ def test_console_scripts_are_the_command_lines():
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
+
+
+def test_the_library_and_the_command_line_share_one_set_of_defaults(tmp_path, monkeypatch):
+    """TrainConfig() is what `python -m jaxtl.train` with no flags runs; strategies may be given by name."""
+    import dataclasses
+
+    import jaxtl
+    from jaxtl.train import build_parser, config_from_args
+
+    monkeypatch.chdir(tmp_path)
+    cli = config_from_args(build_parser().parse_args([]))
+    assert dataclasses.replace(cli, output="x") == dataclasses.replace(jaxtl.TrainConfig(), output="x")
+    assert cli.strategy.kind == "feature_extract" and cli.cache_features and cli.optim.opt == "adam"
+    finetune = jaxtl.TrainConfig(strategy="finetune")
+    assert finetune.strategy == jaxtl.Strategy("finetune") and finetune.cache_features is False
+    with pytest.raises(jaxtl.ConfigError, match="strategy must be a strategy name"):
+        jaxtl.TrainConfig(strategy=3)
+    # jaxtl.train stays callable after the command line's module of the same name is imported
+    with pytest.raises(jaxtl.ConfigError, match="--epochs must be >= 1"):
+        jaxtl.train(epochs=0, output=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -397,7 +397,7 @@ def test_layer_norm_variance_is_two_pass():
 def test_gradients_match_timm():
     """One cross-entropy backward pass against timm's autograd, every parameter.
 
-    jaxtl's LayerNorm has a hand-written backward (layers.layer_norm); PyTorch's
+    jaxtl's LayerNorm has a hand-written backward (jaxtl.ops.layer_norm); PyTorch's
     gradients, converted to Flax's tree with the weight converter itself, are the
     reference. Randomised as in the parity tests (LayerNorm affine params, peaked
     attention, small embedding stream)."""

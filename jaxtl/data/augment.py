@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtl.data.transforms import normalize
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 Range = Union[float, Sequence[float]]
 

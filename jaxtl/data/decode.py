@@ -55,7 +55,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         # No warnings.catch_warnings() here: it swaps the process-wide filter list and is not
         # thread-safe, and the loader calls this from several threads at once (concurrent use
-        # left a stray "error" filter behind). The explicit size check below refuses what
+        # can leave a stray "error" filter behind). The explicit size check below refuses what
         # Pillow only warns about; Pillow itself raises DecompressionBombError above twice that.
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:

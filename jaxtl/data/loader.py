@@ -36,7 +36,7 @@ from jaxtl.data.decode import BadImageError
 from jaxtl.data.sources import Source
 from jaxtl.data.transforms import center_crop, eval_crop, resize_shorter_side
 from jaxtl.errors import ConfigError
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 _DONE = object()
 

@@ -96,8 +96,8 @@ class ArraySource(Source):
         if len(images) != len(self.labels):
             raise DataError(f"{len(images)} images but {len(self.labels)} labels")
         if images.dtype != np.uint8 and np.issubdtype(images.dtype, np.integer):
-            # Integer arrays (numpy's default int64, uint16...) holding 0..255 are 8-bit images;
-            # they used to fall into the float branch and be refused as "float images".
+            # Integer arrays (numpy's default int64, uint16...) holding 0..255 are 8-bit images,
+            # not "float images".
             if images.size and (images.min() < 0 or images.max() > 255):
                 raise DataError(f"integer images must be in [0, 255]; got {images.dtype} values from "
                                 f"{images.min()} to {images.max()}")
@@ -319,7 +319,7 @@ def folder_dataset(root: str | Path, *, val_fraction: float = 0.2, seed: int = 0
     val, bad_val = scan_files(val, strict=strict)
     _require_all_classes(train, val, names, root)
     # The same rule as for a missing val class folder, once unreadable files are dropped
-    # (a val class folder holding only broken files used to pass silently).
+    # (a val class folder holding only broken files would otherwise pass silently).
     missing = [names[c] for c in range(len(names)) if c not in set(val.labels.tolist())]
     if missing:
         raise DataError(f"{val_dir} lacks training class(es) {', '.join(missing[:5])} once unreadable files are "

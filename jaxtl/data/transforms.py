@@ -9,11 +9,12 @@ backbone's mean and std.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
 
-from jaxtl.registry import Preprocessing
+from jaxtl.data.preprocessing import Preprocessing
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -69,9 +70,8 @@ def preprocess(images, backbone: str | Preprocessing, *, source: str | None = No
     """Image files or PIL images -> the float32 NHWC batch a backbone expects (its resize, centre crop,
     mean and std, as torchvision's and timm's eval transforms).
 
-    ``backbone`` is a registered name (its weights' preprocessing: ``source`` and ``tag`` pick them)
-    or a :class:`Preprocessing` (an exported model's ``meta["preprocessing"]`` via
-    ``Preprocessing.from_dict``)::
+    ``backbone`` is a registered name (its weights' preprocessing: ``source`` and ``tag`` pick them),
+    an exported model's ``meta`` (from :func:`jaxtl.load_model`) or a :class:`Preprocessing`::
 
         x = jaxtl.preprocess(["cat.jpg", "dog.png"], "resnet50")
         logits = model.apply(variables, x, train=False)
@@ -81,6 +81,8 @@ def preprocess(images, backbone: str | Preprocessing, *, source: str | None = No
 
     if isinstance(backbone, Preprocessing):
         pre = backbone
+    elif isinstance(backbone, Mapping):
+        pre = Preprocessing.from_dict(backbone.get("preprocessing", backbone))
     else:
         spec, implied = resolve(backbone)
         pre = spec.preprocessing_for(source or implied, tag)

@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from jaxtl.models.efficientnet import stochastic_depth
 from jaxtl.models.layers import (DepthwiseConv, check_rates, conv, dense, gelu_exact, global_avg_pool,
-                                 param)
+                                 inference_mode, param, stochastic_depth)
 from jaxtl.registry import (
     BackboneSpec,
     Preprocessing,
@@ -111,7 +110,7 @@ class ConvNeXt(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     axis_name: str | None = None
-    depthwise_impl: str | None = None  # None: layers.depthwise_impl's default
+    depthwise_impl: str | None = None  # None: jaxtl.ops.depthwise_impl's default
 
     def __post_init__(self):
         check_rates(self, "ConvNeXt")
@@ -119,9 +118,6 @@ class ConvNeXt(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
-        def deterministic(group: str) -> bool:
-            return (not train) or (group in frozen)
-
         norm = partial(layer_norm, self.dtype, epsilon=self.ln_epsilon)
         x = x.astype(self.dtype)
         # Kernel = stride = 4, no padding: one embedding per 4x4 patch.
@@ -135,13 +131,13 @@ class ConvNeXt(nn.Module):
                 x = conv(width, 2, 2, 0, use_bias=True, dtype=self.dtype, name=f"{group}_downsample_conv")(x)
             for j in range(depth):
                 x = ConvNeXtBlock(next(rates), self.layer_scale_init, self.dtype, self.depthwise_impl,
-                                  name=f"{group}_{j}")(x, deterministic(group))
+                                  name=f"{group}_{j}")(x, inference_mode(train, group, frozen))
         x = global_avg_pool(x)
         x = norm(name="head_norm")(x)
         if features_only:
             return x.astype(jnp.float32)
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=deterministic("head"))(x)
+            x = nn.Dropout(self.drop_rate, deterministic=inference_mode(train, "head", frozen))(x)
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

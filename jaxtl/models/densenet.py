@@ -29,7 +29,7 @@ import flax.linen as nn
 import numpy as np
 
 from jaxtl.errors import ConfigError, ConversionError
-from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_pool, running_stats_for
+from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_pool, inference_mode
 from jaxtl.registry import (
     BackboneSpec,
     FlaxPath,
@@ -159,13 +159,13 @@ class DenseNet(nn.Module):
                        dtype=self.dtype, axis_name=self.axis_name)
         x = x.astype(self.dtype)
         x = conv(2 * self.growth_rate, 7, 2, 3, dtype=self.dtype, name="conv0")(x)
-        x = nn.relu(norm(name="norm0")(x, running_stats_for(train, "stem", frozen)))
+        x = nn.relu(norm(name="norm0")(x, inference_mode(train, "stem", frozen)))
         x = max_pool(x, 3, 2, 1)
 
         features = 2 * self.growth_rate
         for i, n_layers in enumerate(self.block_sizes):
             group = f"block{i + 1}"
-            use_running = running_stats_for(train, group, frozen)
+            use_running = inference_mode(train, group, frozen)
             x = DenseBlock(n_layers, self.growth_rate, self.bn_size, self.layer_drop_rate, self.dtype, norm,
                            name=f"denseblock{i + 1}")(x, use_running, not train or group in frozen)
             features += n_layers * self.growth_rate
@@ -174,7 +174,7 @@ class DenseNet(nn.Module):
                 features //= 2
                 x = Transition(features, self.dtype, norm, name=f"transition{i + 1}")(x, use_running)
 
-        x = nn.relu(norm(name="norm5")(x, running_stats_for(train, "norm5", frozen)))
+        x = nn.relu(norm(name="norm5")(x, inference_mode(train, "norm5", frozen)))
         x = global_avg_pool(x)
         if features_only:
             return x

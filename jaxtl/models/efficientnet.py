@@ -7,7 +7,7 @@ installed sources and on the state dicts, whose tensor shapes agree one for
 one for every variant:
 
 * width multiplier on every channel count, rounded to a multiple of 8 by the
-  TF-slim rule (:func:`jaxtl.models.mobilenet.make_divisible`); depth
+  TF-slim rule (:func:`jaxtl.models.layers.make_divisible`); depth
   multiplier on the repeats of each stage, rounded up;
 * MBConv blocks: [1x1 expand] -> kxk depthwise -> squeeze-excitation ->
   1x1 project, BatchNorm after each conv, SiLU after all but the projection,
@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -43,12 +42,13 @@ from jaxtl.models.layers import (
     DepthwiseConv,
     check_rates,
     conv,
-    conv_init,
     dense,
     global_avg_pool,
-    running_stats_for,
+    inference_mode,
+    make_divisible,
+    SqueezeExcite,
+    stochastic_depth,
 )
-from jaxtl.models.mobilenet import conv1x1_to_dense, make_divisible
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -59,6 +59,7 @@ from jaxtl.registry import (
     PretrainedWeights,
     SourceSpec,
     TableKeyMap,
+    conv1x1_to_dense,
     register,
     timm_preprocessing,
 )
@@ -141,45 +142,11 @@ def architecture(width_mult: float = 1.0, depth_mult: float = 1.0) -> Architectu
 # Modules.
 
 
-def stochastic_depth(module: nn.Module, x, rate: float, deterministic: bool):
-    """Drop the whole residual branch of random samples, rescale the kept ones by
-    1 / (1 - rate): torchvision's ``StochasticDepth(rate, "row")`` and timm's
-    ``DropPath``. Draws from the ``'dropout'`` rng stream."""
-    if deterministic or rate == 0.0:
-        return x
-    keep = 1.0 - rate
-    if keep <= 0.0:
-        return jnp.zeros_like(x)
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
-
-
 def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
     """Stochastic-depth rate of each block, in network order: linear in the
     block's position, ``rate * i / n`` (torchvision and timm alike), so the
     first block never drops and the last one almost at the full rate."""
     return [drop_path_rate * i / num_blocks for i in range(num_blocks)]
-
-
-class SqueezeExcite(nn.Module):
-    """Mean over H, W -> Dense -> SiLU -> Dense -> sigmoid -> scale the channels.
-
-    PyTorch's two 1x1 convolutions on the pooled (N, C, 1, 1) tensor are the
-    same affine maps as these Dense layers.
-    """
-
-    squeeze_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        s = dense(self.squeeze_features, dtype=self.dtype, name="reduce", kernel_init=conv_init)(s)
-        s = nn.silu(s)
-        s = dense(channels, dtype=self.dtype, name="expand", kernel_init=conv_init)(s)
-        s = nn.sigmoid(s)
-        return x * s[:, None, None, :].astype(x.dtype)
 
 
 class MBConv(nn.Module):
@@ -199,7 +166,7 @@ class MBConv(nn.Module):
         y = DepthwiseConv(cfg.kernel_size, cfg.stride, dtype=self.dtype, impl=self.depthwise_impl,
                           name="dw_conv")(y)
         y = nn.silu(self.norm(name="dw_bn")(y, use_running_average))
-        y = SqueezeExcite(cfg.se_features, dtype=self.dtype, name="se")(y)
+        y = SqueezeExcite(cfg.se_features, nn.silu, nn.sigmoid, dtype=self.dtype, name="se")(y)
         y = conv(cfg.out_features, 1, dtype=self.dtype, name="project_conv")(y)
         y = self.norm(name="project_bn")(y, use_running_average)  # linear bottleneck: no activation
         if not cfg.residual:
@@ -229,7 +196,7 @@ class EfficientNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     axis_name: str | None = None
-    depthwise_impl: str | None = None  # None: layers.depthwise_impl's default
+    depthwise_impl: str | None = None  # None: jaxtl.ops.depthwise_impl's default
 
     def __post_init__(self):
         check_rates(self, "EfficientNet")
@@ -241,25 +208,22 @@ class EfficientNet(nn.Module):
         norm = partial(BatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        dtype=self.dtype, axis_name=self.axis_name)
 
-        def deterministic(group: str) -> bool:
-            return (not train) or (group in frozen)
-
         x = x.astype(self.dtype)
         x = conv(arch.stem_features, 3, 2, dtype=self.dtype, name="stem_conv")(x)
-        x = nn.silu(norm(name="stem_bn")(x, running_stats_for(train, "stem", frozen)))
+        x = nn.silu(norm(name="stem_bn")(x, inference_mode(train, "stem", frozen)))
         rates = iter(drop_path_rates(self.drop_path_rate, arch.num_blocks))
         for s, stage in enumerate(arch.stages):
             group = f"stage{s + 1}"
             for j, cfg in enumerate(stage):
                 x = MBConv(cfg, next(rates), self.dtype, norm, self.depthwise_impl, name=f"{group}_{j}")(
-                    x, running_stats_for(train, group, frozen), deterministic(group))
+                    x, inference_mode(train, group, frozen), inference_mode(train, group, frozen))
         x = conv(arch.head_features, 1, dtype=self.dtype, name="head_conv")(x)
-        x = nn.silu(norm(name="head_bn")(x, running_stats_for(train, "head_conv", frozen)))
+        x = nn.silu(norm(name="head_bn")(x, inference_mode(train, "head_conv", frozen)))
         x = global_avg_pool(x)
         if features_only:
             return x
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=deterministic("head"))(x)
+            x = nn.Dropout(self.drop_rate, deterministic=inference_mode(train, "head", frozen))(x)
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

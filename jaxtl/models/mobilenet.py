@@ -27,19 +27,19 @@ from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
 from jaxtl.models.layers import (
     BatchNorm,
     DepthwiseConv,
     conv,
-    conv_init,
     dense,
     global_avg_pool,
     hard_sigmoid,
     hard_swish,
+    inference_mode,
+    make_divisible,
     relu6,
-    running_stats_for,
+    SqueezeExcite,
 )
 from jaxtl.registry import (
     LEAF_TO_TORCH,
@@ -48,6 +48,7 @@ from jaxtl.registry import (
     PretrainedWeights,
     SourceSpec,
     TableKeyMap,
+    conv1x1_to_dense,
     register,
     timm_preprocessing,
 )
@@ -55,19 +56,6 @@ from jaxtl.registry import (
 # ---------------------------------------------------------------------------
 # Architecture tables.
 
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round a channel count to the nearest multiple of ``divisor``.
-
-    The TF-slim rule both torchvision (``_make_divisible``) and timm
-    (``make_divisible``) use: round half up, never below ``min_value``
-    (default ``divisor``), and never more than 10 % below ``value``.
-    """
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
 
 
 @dataclass(frozen=True)
@@ -184,27 +172,6 @@ _ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "relu6": relu6, "hard_swis
 # Modules.
 
 
-class SqueezeExcite(nn.Module):
-    """Channel gate: mean over H, W -> Dense -> ReLU -> Dense -> hard-sigmoid -> scale.
-
-    PyTorch writes the two Dense layers as 1x1 convolutions on the pooled
-    (N, C, 1, 1) tensor, which is the same affine map.
-    """
-
-    squeeze_features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        s = dense(self.squeeze_features, dtype=self.dtype, name="reduce", kernel_init=conv_init)(s)
-        s = nn.relu(s)
-        s = dense(channels, dtype=self.dtype, name="expand", kernel_init=conv_init)(s)
-        s = hard_sigmoid(s)
-        return x * s[:, None, None, :].astype(x.dtype)
-
-
 class InvertedResidual(nn.Module):
     cfg: BlockConfig
     dtype: Any = jnp.float32
@@ -223,7 +190,7 @@ class InvertedResidual(nn.Module):
                           name="dw_conv")(y)
         y = act(self.norm(name="dw_bn")(y, use_running_average))
         if cfg.se_features:
-            y = SqueezeExcite(cfg.se_features, dtype=self.dtype, name="se")(y)
+            y = SqueezeExcite(cfg.se_features, nn.relu, hard_sigmoid, dtype=self.dtype, name="se")(y)
         y = conv(cfg.out_features, 1, dtype=self.dtype, name="project_conv")(y)
         y = self.norm(name="project_bn")(y, use_running_average)  # linear bottleneck: no activation
         return x + y if cfg.residual else y
@@ -248,7 +215,7 @@ class MobileNet(nn.Module):
     bn_momentum: float = 0.9       # Flax convention: PyTorch momentum 0.1
     drop_rate: float = 0.2
     axis_name: str | None = None   # synchronise BatchNorm statistics across devices
-    depthwise_impl: str | None = None  # None: layers.depthwise_impl's default
+    depthwise_impl: str | None = None  # None: jaxtl.ops.depthwise_impl's default
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
@@ -257,15 +224,15 @@ class MobileNet(nn.Module):
                        dtype=self.dtype, axis_name=self.axis_name)
         x = x.astype(self.dtype)
         x = conv(arch.stem_features, 3, 2, dtype=self.dtype, name="stem_conv")(x)
-        x = norm(name="stem_bn")(x, running_stats_for(train, "stem", frozen))
+        x = norm(name="stem_bn")(x, inference_mode(train, "stem", frozen))
         x = _ACTIVATIONS[arch.stem_activation](x)
         for s, stage in enumerate(arch.stages):
             group = f"stage{s + 1}"
             for j, cfg in enumerate(stage):
                 x = InvertedResidual(cfg, self.dtype, norm, self.depthwise_impl, name=f"{group}_{j}")(
-                    x, running_stats_for(train, group, frozen))
+                    x, inference_mode(train, group, frozen))
         x = conv(arch.last_conv_features, 1, dtype=self.dtype, name="last_conv")(x)
-        x = norm(name="last_bn")(x, running_stats_for(train, "last_conv", frozen))
+        x = norm(name="last_bn")(x, inference_mode(train, "last_conv", frozen))
         x = _ACTIVATIONS[arch.last_activation](x)
         x = global_avg_pool(x)
         if arch.hidden_features:
@@ -283,11 +250,7 @@ class MobileNet(nn.Module):
 # Key maps: Flax module path -> PyTorch module name, per source.
 
 
-def conv1x1_to_dense(w: np.ndarray) -> np.ndarray:
-    """A 1x1 conv weight (O, I, 1, 1) as a Dense kernel (I, O)."""
-    if w.ndim != 4 or w.shape[2:] != (1, 1):
-        return w  # the converter reports the shape mismatch with the key's name
-    return w[:, :, 0, 0].T
+
 
 
 # Block layers in Flax, in forward order.

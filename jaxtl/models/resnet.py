@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_pool, running_stats_for
+from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_pool, inference_mode
 from jaxtl.registry import (
     BackboneSpec,
     Preprocessing,
@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool):
         residual = x
-        # materialize_input: see layers._materialized (fine-tune steps ~5 % faster).
+        # materialize_input: else XLA recomputes these inputs inside the kernel gradient (jaxtl.ops.conv.materialized).
         y = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv1", materialize_input=True)(x)
         y = nn.relu(self.norm(name="bn1")(y, use_running_average))
         y = conv(self.features, 3, 1, dtype=self.dtype, name="conv2", materialize_input=True)(y)
@@ -94,7 +94,7 @@ class ResNet(nn.Module):
                        dtype=self.dtype, axis_name=self.axis_name)
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x, running_stats_for(train, "stem", frozen)))
+        x = nn.relu(norm(name="bn1")(x, inference_mode(train, "stem", frozen)))
         x = max_pool(x, 3, 2, 1)
         in_features = 64
         for i, n_blocks in enumerate(self.stage_sizes):
@@ -104,7 +104,7 @@ class ResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 downsample = j == 0 and (stride != 1 or in_features != features * block_cls.expansion)
                 x = block_cls(features, stride, downsample, self.dtype, norm, name=f"{group}_{j}")(
-                    x, running_stats_for(train, group, frozen))
+                    x, inference_mode(train, group, frozen))
                 in_features = features * block_cls.expansion
         x = global_avg_pool(x)
         if features_only:

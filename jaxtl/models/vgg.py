@@ -35,7 +35,7 @@ import flax.linen as nn
 from jax import lax
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import BatchNorm, conv, dense, max_pool, running_stats_for
+from jaxtl.models.layers import BatchNorm, conv, dense, max_pool, inference_mode
 from jaxtl.registry import BackboneSpec, Preprocessing, PretrainedWeights, SourceSpec, register, standard_key_map
 
 # Output channels of the five blocks; the architectures differ only in how
@@ -136,11 +136,11 @@ class VGG(nn.Module):
         for b, block in enumerate(feature_layout(self.depths, self.batch_norm)):
             group = f"block{b + 1}"
             for conv_index, bn_index in block:
-                # Not the first: its input is the image batch (see layers._materialized).
+                # Not the first: its input is the image batch (see jaxtl.ops.conv.materialized).
                 x = conv(BLOCK_WIDTHS[b], 3, 1, 1, use_bias=True, dtype=self.dtype, name=f"features_{conv_index}",
                          materialize_input=conv_index > 0)(x)
                 if bn_index is not None:
-                    x = norm(name=f"features_{bn_index}")(x, running_stats_for(train, group, frozen))
+                    x = norm(name=f"features_{bn_index}")(x, inference_mode(train, group, frozen))
                 x = nn.relu(x)
             x = max_pool(x, 2, 2, 0)
 
@@ -149,8 +149,7 @@ class VGG(nn.Module):
             # XLA:CPU (jaxlib 0.10) otherwise fuses the pooled map, a broadcast
             # when the features are 1x1 (32 px inputs), together with the last
             # convolutions and the classifier into one YNNPACK fusion that
-            # recomputes its producers: vgg11 eval at 32 px took 3.3 s for a
-            # batch of 2, 0.16 s with this barrier. Values are unchanged.
+            # recomputes its producers. Values are unchanged.
             x = lax.optimization_barrier(x)
         # PyTorch flattens NCHW: channel-major, the order of classifier.0's input rows.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)

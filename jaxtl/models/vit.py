@@ -24,14 +24,13 @@ import math
 from functools import partial
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import (LayerNorm, check_rates, conv, dense, gelu_exact, multi_head_attention,
-                                 param)
+from jaxtl.models.layers import (LayerNorm, check_rates, conv, dense, gelu_exact, inference_mode,
+                                 multi_head_attention, param, stochastic_depth)
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -175,20 +174,9 @@ def _pos_embed_adapter(*, align_corners: bool, antialias: bool):
 # The network.
 
 
-def _drop_path(module: nn.Module, x, rate: float, deterministic: bool):
-    """Stochastic depth per sample, scaled by 1 / keep (timm's ``drop_path``)."""
-    if deterministic or rate == 0.0:
-        return x
-    keep = 1.0 - rate
-    if keep <= 0.0:
-        return jnp.zeros_like(x)
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
 def _layer_norm(epsilon: float, dtype: Any, name: str) -> LayerNorm:
     # PyTorch's two-pass statistics in float32, with a hand-written backward
-    # (why, and what it measured, in layers.layer_norm's docstring).
+    # (why: jaxtl.ops.norm.layer_norm_closed_form).
     return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
@@ -252,10 +240,10 @@ class EncoderBlock(nn.Module):
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm1")(x)
         y = SelfAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
                           proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, name="attn")(y, deterministic)
-        x = x + _drop_path(self, y, self.drop_path_rate, deterministic)
+        x = x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm2")(x)
         y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, dtype=self.dtype, name="mlp")(y, deterministic)
-        return x + _drop_path(self, y, self.drop_path_rate, deterministic)
+        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
 
 
 class VisionTransformer(nn.Module):
@@ -326,9 +314,6 @@ class VisionTransformer(nn.Module):
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
         self._check_input(x)
 
-        def deterministic(group: str) -> bool:
-            return (not train) or (group in frozen)
-
         batch = x.shape[0]
         width, tokens = self.embed_dim, self.grid_size ** 2 + 1
         x = x.astype(self.dtype)
@@ -342,7 +327,7 @@ class VisionTransformer(nn.Module):
         # Class token first, then the position embedding over all N + 1 tokens.
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)), x], axis=1)
         x = x + pos_embed.astype(self.dtype)
-        x = nn.Dropout(self.pos_drop_rate)(x, deterministic=deterministic("embed"))
+        x = nn.Dropout(self.pos_drop_rate)(x, deterministic=inference_mode(train, "embed", frozen))
 
         hidden = int(width * self.mlp_ratio)
         for i in range(self.depth):
@@ -351,12 +336,12 @@ class VisionTransformer(nn.Module):
                                  ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
                                  attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, dtype=self.dtype,
                                  name=f"blocks_{i}")
-            x = block(x, deterministic(f"block{i}"))
+            x = block(x, inference_mode(train, f"block{i}", frozen))
         x = _layer_norm(self.ln_epsilon, self.dtype, "norm")(x)
         features = x[:, 0]
         if features_only:
             return features.astype(jnp.float32)
-        features = nn.Dropout(self.drop_rate)(features, deterministic=deterministic("head"))
+        features = nn.Dropout(self.drop_rate)(features, deterministic=inference_mode(train, "head", frozen))
         return dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
 
 

@@ -1,6 +1,6 @@
 """The training loop: epochs, strategy stages, evaluation, checkpoints, exact resume, export.
 
-``train(TrainConfig(...))`` is what ``python -m jaxtl.train`` runs. Order of
+``train(TrainConfig(...))`` (``jaxtl.train``) is what ``python -m jaxtl.train`` runs. Order of
 work, so that every user error surfaces before anything heavy:
 
 1. validate the options, lock the output folder, check resume/overwrite;
@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -44,18 +43,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
+from jaxtl import runtime
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
-from jaxtl.data.domains import SHIFTS
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, TrainingError
 from jaxtl.export import load_model, read_variables_file, save_model, write_variables_file
-from jaxtl.models import abstract_variables, as_dtype, create_model, init_variables
-from jaxtl.optim import OptimConfig, carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
+from jaxtl.models import abstract_variables, create_model, init_variables
+from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
-from jaxtl.strategies import (DOMAIN_KEY, Stage, Strategy, all_labels, check_label_tree, label_tree,
+from jaxtl.strategies import (DOMAIN_KEY, Stage, all_labels, check_label_tree, label_tree,
                               split_variables, trainable_labels)
+from jaxtl.training.config import CONFIG_FILE, TrainConfig
 from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
@@ -65,126 +65,10 @@ from jaxtl.training.step import (TRAIN_METRICS, head_forward, image_forward, mak
                                  map_eval, pack_metrics, scan_steps, unpack_metrics)
 from jaxtl.weights import sha256_file
 
-CONFIG_FILE = "config.json"
 BAD_FILES = "skipped_files.txt"
 # A random-init run's starting variables, written once: its frozen groups are constants read from here.
 INITIAL_FILE = "initial_variables.msgpack"
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "mobilenet_v2"
-    source: str | None = None
-    weights: str = "pretrained"            # "pretrained" or "none" (random init)
-    weights_file: str | None = None        # .pth/.safetensors, or a jaxtl model folder
-    weights_tag: str | None = None
-    data: str = "digits"
-    data_dir: str | None = None
-    val_fraction: float = 0.2
-    limit_per_class: int | None = None
-    strict: bool = False
-    strategy: Strategy = field(default_factory=Strategy)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    img_size: int | None = None
-    dtype: str = "float32"
-    label_smoothing: float = 0.0
-    hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
-    color_jitter: float = 0.0
-    crop_scale: float = 0.08               # random resized crop: smallest area fraction (torchvision's 0.08)
-    seed: int = 0
-    output: str = "runs/default"
-    resume: bool = False
-    cache_features: bool = False
-    target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
-                                           # every strategy reports accuracy on their validation split
-    domain_weight: float = 1.0             # dann: weight of the domain loss
-    dann_separate_bn: bool = False         # dann: per-domain batch statistics in training (two passes)
-    mapping: str = "shard_map"
-    workers: int = 2
-    keep_checkpoints: int = 2
-    skip_nonfinite: bool = False
-    export: str = "last"                   # "last" or "best"
-    allow_download: bool = True
-    progress: bool = True
-
-    # Options that may differ between a run and its resumption.
-    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
-
-    def with_absolute_paths(self) -> "TrainConfig":
-        """The same options with local paths made absolute: config.json, and so ``--resume``, do not
-        depend on the folder the run was started from."""
-        def absolute(value: str | None, data: bool) -> str | None:
-            if value is None or (data and (value == "digits" or value in SHIFTS or value.startswith("tfds:"))):
-                return value
-            return os.path.abspath(os.path.expanduser(value))
-
-        return dataclasses.replace(self, data=absolute(self.data, True), target_data=absolute(self.target_data, True),
-                                   weights_file=absolute(self.weights_file, False),
-                                   data_dir=absolute(self.data_dir, False))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["strategy"] = {k: (list(map(list, v)) if k == "unfreeze_at" else v)
-                         for k, v in dataclasses.asdict(self.strategy).items()}
-        d["optim"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.optim).items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        s = dict(d.pop("strategy"))
-        s["unfreeze_at"] = tuple(tuple(x) for x in s.get("unfreeze_at", ()))
-        o = dict(d.pop("optim"))
-        for k in ("betas", "milestones"):
-            if k in o:
-                o[k] = tuple(o[k])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(strategy=Strategy(**s), optim=OptimConfig(**o), **{k: v for k, v in d.items() if k in known})
-
-    def validate(self) -> None:
-        """Reject bad option combinations before any heavy work."""
-        resolve(self.backbone)  # unknown name -> UnknownModelError with close matches
-        as_dtype(self.dtype)
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.cache_features and self.strategy.kind != "feature_extract":
-            raise ConfigError(f"--cache-features only works with --strategy feature_extract (the backbone must be "
-                              f"frozen for its features to be cached), not {self.strategy.kind}")
-        if self.strategy.kind == "dann" and not self.target_data:
-            raise ConfigError("--strategy dann needs --target-data (images of the target domain: a folder, "
-                              "digits-shifted, digits-inverted or tfds:NAME)")
-        if self.domain_weight < 0:
-            raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
-        augments = [flag for flag, on in (("--hflip", self.hflip), ("--color-jitter", self.color_jitter),
-                                          ("--crop-scale", self.crop_scale != 0.08)) if on]
-        if self.cache_features and augments:
-            raise ConfigError(f"{' and '.join(augments)} would do nothing: the features are cached once, without "
-                              "augmentation (the default for feature_extract); add --no-cache-features to augment "
-                              "every epoch, or drop them")
-        if self.weights not in ("pretrained", "none"):
-            raise ConfigError(f"--weights must be 'pretrained' or 'none', got {self.weights!r}")
-        if self.weights == "none" and self.weights_file:
-            raise ConfigError("--weights none (random init) and --weights-file contradict each other")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.crop_scale <= 1:
-            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
-        if self.color_jitter < 0:
-            raise ConfigError(f"--color-jitter must be >= 0, got {self.color_jitter}")
-        if self.img_size is not None and self.img_size < 16:
-            raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
-        if self.export not in ("last", "best"):
-            raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.optim.sched == "plateau" and self.optim.warmup_epochs:
-            pass  # warm-up then a constant rate scaled by the plateau factor: fine
 
 
 @dataclass
@@ -926,7 +810,7 @@ def _has_img_size(spec: BackboneSpec) -> bool:
 
 
 def _preprocessing(meta: dict):
-    from jaxtl.registry import Preprocessing
+    from jaxtl.data.preprocessing import Preprocessing
 
     return Preprocessing.from_dict(meta["preprocessing"])
 
@@ -946,9 +830,21 @@ def _progress(enabled: bool, **kw):
     return tqdm(unit="batch", leave=False, dynamic_ncols=True, mininterval=0.5, file=sys.stderr, **kw)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Run a training job (see :class:`TrainConfig`); returns the per-epoch records and the final state."""
-    return Trainer(cfg, log).run()
+def train(config: TrainConfig | None = None, *, log: Callable[[str], None] = print, **options) -> TrainResult:
+    """Run a training job; returns its per-epoch records, final train state and exported variables.
+
+        jaxtl.train(data="photos/", backbone="resnet50", strategy="finetune", epochs=5, output="runs/pets")
+
+    ``options`` are :class:`TrainConfig`'s fields, over ``config`` when both are
+    given. With neither, the offline default job runs (see jaxtl.training.config).
+    Makes jaxtl's process settings first (:func:`jaxtl.runtime.configure`).
+    """
+    runtime.configure()
+    if config is None:
+        config = TrainConfig(**options)
+    elif options:
+        config = dataclasses.replace(config, **options)
+    return Trainer(config, log).run()
 
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "Interrupted"]

@@ -1,5 +1,5 @@
 // The kernel gradient of a depthwise 2-D convolution on the CPU, as an XLA FFI
-// custom call (jaxtl/native/__init__.py builds and registers it).
+// custom call (jaxtl/ops/native/__init__.py builds and registers it).
 //
 //   dk[t, c] = sum over n, ho, wo of  padded[n, ho*s + i*d, wo*s + j*d, c] * grad[n, ho, wo, c]
 //   for every tap t = i * kw + j,

@@ -6,8 +6,7 @@ speed.
 * The kernel gradient of a depthwise convolution (MobileNet, EfficientNet,
   ConvNeXt). XLA computes it as kh*kw multiply-reductions, each of which reads
   the whole layer; ``depthwise.cc`` makes one pass and keeps the kh*kw partial
-  sums in registers (10x faster per layer on a 2-core AVX-512 Xeon, see
-  benchmarks/README.md).
+  sums in registers.
 * A ViT's multi-head attention, forward and backward. XLA runs it as batched
   matmuls of small (197 x 64) matrices, a softmax and head transposes;
   ``attention.cc`` does each (image, head) pair as one task whose scores stay
@@ -17,8 +16,9 @@ How: the C++ sources ship with the package and are compiled with the system's
 C++ compiler (``$CXX`` or ``c++``, ``-O3 -march=native``) against the FFI
 headers that jaxlib ships (``jax.ffi.include_dir()``), once per source set,
 jaxlib version and processor, into one library under ``<jaxtl cache>/native/``
-(``JAXTL_CACHE`` or ``~/.cache/jaxtl``; about 8 s). Concurrent processes share one build (a
-file lock; the library is renamed into place complete).
+(``JAXTL_CACHE`` or ``~/.cache/jaxtl``; a few seconds, once). Concurrent processes
+share one build (a file lock; the library is renamed into place complete).
+Measurements: docs/performance.md.
 
 When there is no compiler, the build fails or ``JAXTL_NATIVE=0`` is set,
 :func:`available` is False and the callers use their pure-XLA code: same
@@ -54,12 +54,11 @@ _state: dict = {}   # "ok": bool, "error": str, "path": Path
 def _build_dir() -> Path:
     import jaxlib
 
-    from jaxtl.compile_cache import cpu_tag
-    from jaxtl.hub import jaxtl_cache_dir
+    from jaxtl.paths import native_build_dir
 
     key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES + HEADERS) + " ".join(FLAGS).encode()
                          + jaxlib.__version__.encode())
-    return jaxtl_cache_dir() / "native" / f"{key.hexdigest()[:16]}-{cpu_tag()}"
+    return native_build_dir(key.hexdigest()[:16])
 
 
 def _compile(out: Path) -> None:

@@ -1,0 +1,208 @@
+"""Process-wide settings that make jaxtl fast on CPU, made by one explicit call.
+
+``import jaxtl`` changes nothing outside jaxtl. The command lines, ``jaxtl.train()``
+and the benchmarks call :func:`configure` first; a program that wants the same
+speed calls it before its first JAX computation::
+
+    import jaxtl
+    jaxtl.runtime.configure()
+
+What it sets, each left alone when the user already chose or opted out:
+
+* **XLA's CPU convolutions on Eigen** (``XLA_FLAGS`` gains
+  ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``): jaxlib's
+  default YNNPACK path runs convolutions on one core. Only when the installed
+  jaxlib knows the flag, since XLA aborts on an unknown one. Opt out:
+  ``JAXTL_NO_XLA_FLAGS=1``.
+* **Step memory kept between steps** (``jax_cpu_enable_async_dispatch=False``
+  and glibc's ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, -1)``): XLA
+  allocates a step's temporaries as one block, which glibc would otherwise map
+  afresh and fault in on every step. The price: the process keeps its peak heap.
+  Opt out: ``JAXTL_NO_MALLOC_TUNING=1``; a user's ``MALLOC_*_``,
+  ``GLIBC_TUNABLES=glibc.malloc.*`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` also
+  leaves it alone.
+* **JAX's persistent compilation cache** under ``<jaxtl cache>/xla/``: reruns,
+  resumes and the stages of progressive unfreezing load their compiled steps.
+  Left alone when ``jax_compilation_cache_dir`` is set; opt out:
+  ``JAXTL_NO_COMPILE_CACHE=1``.
+
+The first two act only before JAX creates its CPU backend (the first array or
+computation); called later, :func:`configure` says so in one line on stderr.
+docs/performance.md has the measurements behind each setting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from jaxtl.paths import compile_cache_dir
+
+NO_XLA_FLAGS = "JAXTL_NO_XLA_FLAGS"
+NO_MALLOC_TUNING = "JAXTL_NO_MALLOC_TUNING"
+NO_COMPILE_CACHE = "JAXTL_NO_COMPILE_CACHE"
+
+YNN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+CPU_CONV_FLAG = f"--{YNN_FLAG_NAME}=-individual_convolution"
+
+# mallopt parameter numbers from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+NO_TRIM = -1                      # mallopt(3): -1 disables trimming (a positive value tops out at 2 GiB)
+GLIBC_DEFAULT_MMAP_MAX = 65536    # glibc's DEFAULT_MMAP_MAX (malloc.c)
+USER_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
+
+COMPILE_CACHE_MAX_BYTES = 4 << 30     # least recently used entries beyond this are evicted (needs filelock)
+COMPILE_CACHE_MIN_SECONDS = 0.5       # smaller programs recompile faster than they load
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What :func:`configure` found or made."""
+    cpu_conv_flag: bool          # XLA_FLAGS holds jaxtl's CPU convolution flag
+    step_memory_kept: bool       # synchronous CPU dispatch and the glibc heap settings are in force
+    compile_cache: Path | None   # the persistent compilation cache jaxtl pointed JAX at, if any
+
+
+_applied: dict = {}   # what this process's configure() calls made; process settings are made once
+
+
+def backend_already_started() -> bool:
+    """True when JAX has created its backends (too late for XLA_FLAGS and the dispatch setting)."""
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bool(getattr(bridge, "_backends", None))
+
+
+def _jaxlib_knows_flag(name: str) -> bool:
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    needle = name.encode()
+    for location in spec.submodule_search_locations:
+        for lib in sorted(Path(location).glob("*.so")):
+            try:
+                with open(lib, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    if m.find(needle) >= 0:
+                        return True
+            except (OSError, ValueError):
+                continue
+    return False
+
+
+def add_cpu_conv_flag() -> bool:
+    """Add the CPU convolution flag to XLA_FLAGS if it is safe and useful; True if it was added."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get(NO_XLA_FLAGS) or YNN_FLAG_NAME in current or backend_already_started():
+        return False
+    if not _jaxlib_knows_flag(YNN_FLAG_NAME):
+        return False
+    os.environ["XLA_FLAGS"] = (current + " " + CPU_CONV_FLAG).strip()
+    return True
+
+
+def _user_chose_malloc_settings() -> bool:
+    if any(name in os.environ for name in USER_MALLOC_VARIABLES):
+        return True
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def _glibc():
+    """The process's C library when it is glibc, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # only glibc has it (musl does not)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_step_memory() -> bool:
+    """Synchronous CPU dispatch plus a glibc heap that keeps large blocks; True when both were applied."""
+    if os.environ.get(NO_MALLOC_TUNING):
+        return False
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ or _user_chose_malloc_settings():
+        return False
+    if backend_already_started():
+        return False  # the CPU client exists: the dispatch setting would not apply to it
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not libc.mallopt(M_MMAP_MAX, 0):
+        return False
+    if not libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM):
+        libc.mallopt(M_MMAP_MAX, GLIBC_DEFAULT_MMAP_MAX)  # undo the half that applied
+        return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
+
+
+def enable_compile_cache() -> Path | None:
+    """Point JAX's persistent compilation cache into jaxtl's cache; returns the folder, or None if left alone."""
+    if os.environ.get(NO_COMPILE_CACHE):
+        return None
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the user's own choice (JAX_COMPILATION_CACHE_DIR or jax.config)
+        return None
+    path = compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: run without the cache, say so once
+        print(f"jaxtl: compilation cache off ({path}: {e.strerror}); set JAXTL_CACHE to a writable folder",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    if importlib.util.find_spec("filelock") is not None:
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    return path
+
+
+def _missed_cpu_settings() -> list[str]:
+    """The CPU settings JAX's already running CPU backend lacks (and the user did not opt out of)."""
+    if not backend_already_started():
+        return []
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return []
+    missed = []
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not os.environ.get(NO_XLA_FLAGS) and YNN_FLAG_NAME not in flags and _jaxlib_knows_flag(YNN_FLAG_NAME):
+        missed.append("the CPU convolution flag")
+    if not (os.environ.get(NO_MALLOC_TUNING) or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ
+            or _user_chose_malloc_settings()) and jax.config.read("jax_cpu_enable_async_dispatch"):
+        missed.append("the step-memory settings")
+    return missed
+
+
+def configure(*, compile_cache: bool = True) -> Settings:
+    """Make the process-wide settings (see the module's docstring); safe to call more than once."""
+    if "cpu" not in _applied:
+        missed = _missed_cpu_settings()
+        if missed:
+            print(f"jaxtl: JAX already started, too late for {' and '.join(missed)} of jaxtl.runtime.configure() "
+                  "(training runs slower on CPU); call it before the first JAX array or computation", file=sys.stderr)
+            _applied["cpu"] = (False, False)
+        else:
+            _applied["cpu"] = (add_cpu_conv_flag(), keep_step_memory())
+    if compile_cache and "compile_cache" not in _applied:
+        _applied["compile_cache"] = enable_compile_cache()
+    return settings()
+
+
+def settings() -> Settings:
+    """The settings in force now (made by :func:`configure` or by the user); changes nothing."""
+    _, memory = _applied.get("cpu", (False, False))
+    return Settings(cpu_conv_flag=CPU_CONV_FLAG in os.environ.get("XLA_FLAGS", ""), step_memory_kept=memory,
+                    compile_cache=_applied.get("compile_cache"))

@@ -1,0 +1,148 @@
+"""What a training run is asked to do: one dataclass, the single source of defaults.
+
+``python -m jaxtl.train`` with no flags and ``jaxtl.train()`` with no options run
+the same job: the offline default, torchvision's ImageNet MobileNetV2 on
+scikit-learn's digits as feature extraction on cached features (Adam 1e-3,
+cosine, 15 epochs). The command line's help shows these defaults; ``config.json``
+in a run folder holds every option, so ``--resume`` continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from jaxtl.data.domains import SHIFTS
+from jaxtl.errors import ConfigError
+from jaxtl.models import as_dtype
+from jaxtl.optim import OptimConfig
+from jaxtl.registry import resolve
+from jaxtl.strategies import Strategy
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "mobilenet_v2"
+    source: str | None = None
+    weights: str = "pretrained"            # "pretrained" or "none" (random init)
+    weights_file: str | None = None        # .pth/.safetensors, or a jaxtl model folder
+    weights_tag: str | None = None
+    data: str = "digits"
+    data_dir: str | None = None
+    val_fraction: float = 0.2
+    limit_per_class: int | None = None
+    strict: bool = False
+    strategy: Strategy | str = field(default_factory=lambda: Strategy("feature_extract"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 15
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    img_size: int | None = None
+    dtype: str = "float32"
+    label_smoothing: float = 0.0
+    hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
+    color_jitter: float = 0.0
+    crop_scale: float = 0.08               # random resized crop: smallest area fraction (torchvision's 0.08)
+    seed: int = 0
+    output: str = "runs/default"
+    resume: bool = False
+    cache_features: bool | None = None    # None: on for feature_extract (the backbone runs once), else off
+    target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
+                                           # every strategy reports accuracy on their validation split
+    domain_weight: float = 1.0             # dann: weight of the domain loss
+    dann_separate_bn: bool = False         # dann: per-domain batch statistics in training (two passes)
+    mapping: str = "shard_map"
+    workers: int = 2
+    keep_checkpoints: int = 2
+    skip_nonfinite: bool = False
+    export: str = "last"                   # "last" or "best"
+    allow_download: bool = True
+    progress: bool = True
+
+    # Options that may differ between a run and its resumption.
+    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
+
+    def __post_init__(self):
+        if isinstance(self.strategy, str):
+            self.strategy = Strategy(self.strategy)
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError(f"strategy must be a strategy name or a jaxtl.Strategy, got {type(self.strategy).__name__}")
+        if not isinstance(self.optim, OptimConfig):
+            raise ConfigError(f"optim must be a jaxtl.OptimConfig, got {type(self.optim).__name__}")
+        if self.cache_features is None:
+            self.cache_features = self.strategy.kind == "feature_extract"
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The same options with local paths made absolute: config.json, and so ``--resume``, do not
+        depend on the folder the run was started from."""
+        def absolute(value: str | None, data: bool) -> str | None:
+            if value is None or (data and (value == "digits" or value in SHIFTS or value.startswith("tfds:"))):
+                return value
+            return os.path.abspath(os.path.expanduser(value))
+
+        return dataclasses.replace(self, data=absolute(self.data, True), target_data=absolute(self.target_data, True),
+                                   weights_file=absolute(self.weights_file, False),
+                                   data_dir=absolute(self.data_dir, False))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["strategy"] = {k: (list(map(list, v)) if k == "unfreeze_at" else v)
+                         for k, v in dataclasses.asdict(self.strategy).items()}
+        d["optim"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self.optim).items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        s = dict(d.pop("strategy"))
+        s["unfreeze_at"] = tuple(tuple(x) for x in s.get("unfreeze_at", ()))
+        o = dict(d.pop("optim"))
+        for k in ("betas", "milestones"):
+            if k in o:
+                o[k] = tuple(o[k])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(strategy=Strategy(**s), optim=OptimConfig(**o), **{k: v for k, v in d.items() if k in known})
+
+    def validate(self) -> None:
+        """Reject bad option combinations before any heavy work."""
+        resolve(self.backbone)  # unknown name -> UnknownModelError with close matches
+        as_dtype(self.dtype)
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.cache_features and self.strategy.kind != "feature_extract":
+            raise ConfigError(f"--cache-features only works with --strategy feature_extract (the backbone must be "
+                              f"frozen for its features to be cached), not {self.strategy.kind}")
+        if self.strategy.kind == "dann" and not self.target_data:
+            raise ConfigError("--strategy dann needs --target-data (images of the target domain: a folder, "
+                              "digits-shifted, digits-inverted or tfds:NAME)")
+        if self.domain_weight < 0:
+            raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
+        augments = [flag for flag, on in (("--hflip", self.hflip), ("--color-jitter", self.color_jitter),
+                                          ("--crop-scale", self.crop_scale != 0.08)) if on]
+        if self.cache_features and augments:
+            raise ConfigError(f"{' and '.join(augments)} would do nothing: the features are cached once, without "
+                              "augmentation (the default for feature_extract); add --no-cache-features to augment "
+                              "every epoch, or drop them")
+        if self.weights not in ("pretrained", "none"):
+            raise ConfigError(f"--weights must be 'pretrained' or 'none', got {self.weights!r}")
+        if self.weights == "none" and self.weights_file:
+            raise ConfigError("--weights none (random init) and --weights-file contradict each other")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.color_jitter < 0:
+            raise ConfigError(f"--color-jitter must be >= 0, got {self.color_jitter}")
+        if self.img_size is not None and self.img_size < 16:
+            raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
+        if self.export not in ("last", "best"):
+            raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.optim.sched == "plateau" and self.optim.warmup_epochs:
+            pass  # warm-up then a constant rate scaled by the plateau factor: fine
