@@ -29,8 +29,7 @@ from jaxtl.models import create_model, init_variables
 from jaxtl.conversion import convert_state_dict, from_state_dict
 from jaxtl.weights import read_state_dict
 from jaxtl.export import load_model, save_model
-from jaxtl.pretrained import load_pretrained
-from jaxtl.data.transforms import preprocess
+from jaxtl.pretrained import load_pretrained, preprocess
 from jaxtl import ops, runtime
 from jaxtl.optim import OptimConfig
 from jaxtl.strategies import Strategy

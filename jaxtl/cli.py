@@ -1,4 +1,4 @@
-"""What the command lines share: one-line errors instead of tracebacks."""
+"""What the command lines share: jaxtl's process settings, and one-line errors instead of tracebacks."""
 
 from __future__ import annotations
 
@@ -7,27 +7,34 @@ import sys
 from typing import Callable, Sequence
 
 from jaxtl import runtime
-from jaxtl.errors import JaxtlError
+from jaxtl.errors import Interrupted, JaxtlError, TrainingError
 
-EXIT_USER_ERROR = 2
+EXIT_USER_ERROR = 2          # bad input or options
+EXIT_TRAINING_STOPPED = 3    # training stopped, e.g. on a non-finite loss
+EXIT_INTERRUPTED = 130       # Ctrl-C or SIGTERM, as a shell reports SIGINT
 
 
 def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run ``main``; a :class:`JaxtlError` prints one line and exits 2.
+    """Parse ``argv``, make jaxtl's process settings and run ``main``; a :class:`JaxtlError` prints one
+    line and exits 2 (3 when training stopped, 130 when interrupted).
 
     ``--debug`` (added to every parser) shows the full traceback instead.
     """
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     runtime.configure()
     try:
         return int(main(args) or 0)
     except JaxtlError as e:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+        stopped = isinstance(e, TrainingError)
+        print(f"{parser.prog}: {'stopped' if stopped else 'error'}: {e}", file=sys.stderr)
+        if isinstance(e, Interrupted):
+            return EXIT_INTERRUPTED
+        return EXIT_TRAINING_STOPPED if stopped else EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
+        print(f"{parser.prog}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -43,6 +43,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from jaxtl.data.sources import load_dataset
     from jaxtl.export import load_model
     from jaxtl.data.preprocessing import Preprocessing
+    from jaxtl.training.evaluation import accumulate, metrics
     from jaxtl.training.report import confusion_matrix, per_class_accuracy
     from jaxtl.training.step import make_eval_step
 
@@ -68,23 +69,17 @@ def evaluate(args: argparse.Namespace) -> int:
     loader = Loader(source, pre, batch_size=args.batch_size, train=False, workers=args.workers)
     step = jax.jit(make_eval_step(lambda v, x: model.apply(v, eval_prepare(x, pre), train=False),
                                   num_classes=data.num_classes))
-    sums = {"loss_sum": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
-    preds = []
-    for batch in loader.epoch(0):
-        out = step(variables, batch)
-        for k in sums:
-            sums[k] += float(out[k])
-        preds.append(np.asarray(out["pred"]))
-    pred = np.concatenate(preds)[:len(source)]
+    sums, pred = accumulate(step(variables, batch) for batch in loader.epoch(0))
+    pred = pred[:len(source)]
     keep = np.ones(len(source), bool)
     for i in range(len(source)):
         if source.describe(i) in loader.bad:
             keep[i] = False
     cm = confusion_matrix(source.labels[keep], pred[keep], data.num_classes)
     per_class = per_class_accuracy(cm)
-    n = max(sums["count"], 1.0)
-    result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "images": int(sums["count"]),
-              "loss": sums["loss_sum"] / n, "top1": sums["correct"] / n, "top5": sums["correct_topk"] / n,
+    m = metrics(sums)
+    result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "images": m["count"],
+              "loss": m["loss"], "top1": m["top1"], "top5": m["top5"],
               "per_class_top1": {name: (None if np.isnan(a) else float(a)) for name, a in zip(data.class_names,
                                                                                               per_class)},
               "skipped": sorted(loader.bad)}

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 from flax import serialization, traverse_util
+from PIL import Image
 
 from jaxtl.classnames import class_names as known_class_names
 from jaxtl.conversion import from_state_dict, init_head
@@ -26,7 +27,10 @@ from jaxtl.export import atomic_write_bytes, read_model_file
 from jaxtl.hub import find_pretrained
 from jaxtl.paths import jaxtl_cache_dir
 from jaxtl.models import create_model
-from jaxtl.registry import Preprocessing, resolve
+from jaxtl.data.decode import load_image
+from jaxtl.data.preprocessing import Preprocessing
+from jaxtl.data.transforms import eval_transform
+from jaxtl.registry import resolve
 from jaxtl.weights import check_weights_path, read_state_dict, sha256_file
 
 
@@ -139,3 +143,26 @@ def replace_head(variables: dict, head_path: tuple[str, ...], num_classes: int, 
         shapes[("params", *head_path, "bias")] = jax.ShapeDtypeStruct((num_classes,), np.float32)
     flat.update(init_head(shapes, seed))
     return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()})
+
+
+def preprocess(images, backbone: str | Preprocessing, *, source: str | None = None,
+               tag: str | None = None) -> np.ndarray:
+    """Image files or PIL images -> the float32 NHWC batch a backbone expects (its resize, centre crop,
+    mean and std, as torchvision's and timm's eval transforms).
+
+    ``backbone`` is a registered name (its weights' preprocessing: ``source`` and ``tag`` pick them),
+    an exported model's ``meta`` (from :func:`jaxtl.load_model`) or a :class:`Preprocessing`::
+
+        x = jaxtl.preprocess(["cat.jpg", "dog.png"], "resnet50")
+        logits = model.apply(variables, x, train=False)
+    """
+    if isinstance(backbone, Preprocessing):
+        pre = backbone
+    elif isinstance(backbone, Mapping):
+        pre = Preprocessing.from_dict(backbone.get("preprocessing", backbone))
+    else:
+        spec, implied = resolve(backbone)
+        pre = spec.preprocessing_for(source or implied, tag)
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    return np.stack([eval_transform(im if isinstance(im, Image.Image) else load_image(im), pre) for im in images])

@@ -51,6 +51,21 @@ class PretrainedWeights:
         return m.group(1) if m else None
 
 
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+
+def torchvision_weights(tag: str, filename: str, preprocessing: Preprocessing, note: str = "") -> PretrainedWeights:
+    """A torchvision file, downloaded from ``download.pytorch.org/models/<filename>``."""
+    return PretrainedWeights(tag, filename, TORCHVISION_URL + filename, preprocessing, note=note)
+
+
+def timm_hub_weights(model: str, tag: str, preprocessing: Preprocessing, note: str = "") -> PretrainedWeights:
+    """timm's ``model.safetensors`` of ``timm/<model>.<tag>`` on the Hugging Face hub."""
+    repo = f"timm/{model}.{tag}"
+    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
+                             preprocessing, hf_repo=repo, note=note)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """How one weight source (torchvision, timm) describes a backbone."""

@@ -14,7 +14,7 @@ for a ResNet; ``embed, block0..block11, norm, head`` for a ViT-B).
   ``(epoch, group)`` pairs of ``unfreeze_at`` (fastai's ``freeze_to``, Lightning's
   ``BackboneFinetuning``). Each stage is a fixed set of frozen groups; the
   optimizer state of groups that were already training is carried over.
-* ``dann`` - domain-adversarial training (:mod:`jaxtl.dann`): groups train as in
+* ``dann`` - domain-adversarial training (:mod:`jaxtl.training.dann`): groups train as in
   ``finetune``, plus a domain classifier behind a gradient-reversal layer.
 
 Per-group learning-rate multipliers for trainable backbone groups, at most one of:
@@ -58,6 +58,14 @@ class Stage:
     end_epoch: int        # exclusive
     frozen: tuple[str, ...]
     trainable: tuple[str, ...]
+
+
+def stage_at(stages: Sequence[Stage], epoch: int) -> Stage:
+    """The stage that ``epoch`` (0-based) falls in; epochs past the schedule stay in the last."""
+    for stage in stages:
+        if stage.start_epoch <= epoch < stage.end_epoch:
+            return stage
+    return stages[-1]
 
 
 @dataclass(frozen=True)
@@ -146,10 +154,7 @@ class Strategy:
         return out
 
     def stage_of(self, spec: BackboneSpec, epoch: int, num_epochs: int) -> Stage:
-        for stage in self.stages(spec, num_epochs):
-            if stage.start_epoch <= epoch < stage.end_epoch:
-                return stage
-        return self.stages(spec, num_epochs)[-1]
+        return stage_at(self.stages(spec, num_epochs), epoch)
 
     # -- learning-rate multipliers ---------------------------------------------------
 

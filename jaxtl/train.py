@@ -17,12 +17,8 @@ import types
 from pathlib import Path
 from typing import Sequence
 
-from jaxtl.cli import EXIT_USER_ERROR
-from jaxtl import runtime
-from jaxtl.errors import ConfigError, Interrupted, JaxtlError, TrainingError
-
-EXIT_INTERRUPTED = 130
-EXIT_TRAINING_STOPPED = 3
+from jaxtl.cli import run_cli
+from jaxtl.errors import ConfigError
 
 
 
@@ -222,36 +218,28 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(strategy=Strategy(**strategy_kw), optim=OptimConfig(**optim_kw), **top)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
-    runtime.configure()
-    try:
-        from jaxtl.training.config import TrainConfig
-        from jaxtl.training.loop import train
-        from jaxtl.training.parallel import maybe_initialize_distributed
+def run(args: argparse.Namespace) -> int:
+    from jaxtl.training.config import TrainConfig
+    from jaxtl.training.loop import train
+    from jaxtl.training.parallel import maybe_initialize_distributed
 
-        maybe_initialize_distributed()
-        cfg = config_from_args(args)
-        if not getattr(args, "output", None) and not cfg.resume and cfg.output != TrainConfig.output:
-            print(f"{TrainConfig.output} holds an earlier run; this one goes to {cfg.output} "
-                  "(--output DIR chooses the folder)")
+    maybe_initialize_distributed()
+    cfg = config_from_args(args)
+    if not getattr(args, "output", None) and not cfg.resume and cfg.output != TrainConfig.output:
+        print(f"{TrainConfig.output} holds an earlier run; this one goes to {cfg.output} "
+              "(--output DIR chooses the folder)")
+    try:
         result = train(cfg)
-        final = result.final
-        print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "
-              f"{len(result.records)} epoch(s); model and plots in {result.output}")
-        return 0
-    except JaxtlError as e:
-        if debug:
-            raise
-        print(f"{parser.prog}: {'stopped' if isinstance(e, TrainingError) else 'error'}: {e}", file=sys.stderr)
-        if isinstance(e, Interrupted):
-            return EXIT_INTERRUPTED
-        return EXIT_TRAINING_STOPPED if isinstance(e, TrainingError) else EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (no checkpoint written for the current epoch)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise KeyboardInterrupt("no checkpoint written for the current epoch") from None
+    final = result.final
+    print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "
+          f"{len(result.records)} epoch(s); model and plots in {result.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(run, build_parser(), argv)
 
 
 class _CallableCommandLineModule(types.ModuleType):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxtl
-from jaxtl.dann import ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
+from jaxtl.training.dann import ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare
 from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
 from jaxtl.strategies import DOMAIN_KEY, Strategy, all_labels, label_tree, split_variables, trainable_labels

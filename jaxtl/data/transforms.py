@@ -8,8 +8,6 @@ backbone's mean and std.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -63,29 +61,3 @@ def normalize(images_uint8, pre: Preprocessing, xp=np):
 def eval_transform(im: Image.Image, pre: Preprocessing) -> np.ndarray:
     """One image -> float32 HWC, normalised: the input a pretrained backbone expects."""
     return normalize(eval_crop(im, pre), pre)
-
-
-def preprocess(images, backbone: str | Preprocessing, *, source: str | None = None,
-               tag: str | None = None) -> np.ndarray:
-    """Image files or PIL images -> the float32 NHWC batch a backbone expects (its resize, centre crop,
-    mean and std, as torchvision's and timm's eval transforms).
-
-    ``backbone`` is a registered name (its weights' preprocessing: ``source`` and ``tag`` pick them),
-    an exported model's ``meta`` (from :func:`jaxtl.load_model`) or a :class:`Preprocessing`::
-
-        x = jaxtl.preprocess(["cat.jpg", "dog.png"], "resnet50")
-        logits = model.apply(variables, x, train=False)
-    """
-    from jaxtl.data.decode import load_image
-    from jaxtl.registry import resolve
-
-    if isinstance(backbone, Preprocessing):
-        pre = backbone
-    elif isinstance(backbone, Mapping):
-        pre = Preprocessing.from_dict(backbone.get("preprocessing", backbone))
-    else:
-        spec, implied = resolve(backbone)
-        pre = spec.preprocessing_for(source or implied, tag)
-    if isinstance(images, (str, Path, Image.Image)):
-        images = [images]
-    return np.stack([eval_transform(im if isinstance(im, Image.Image) else load_image(im), pre) for im in images])

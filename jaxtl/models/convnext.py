@@ -38,11 +38,12 @@ from jaxtl.models.layers import (DepthwiseConv, check_rates, conv, dense, gelu_e
 from jaxtl.registry import (
     BackboneSpec,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     TableKeyMap,
     register,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 # name: (blocks per stage, channels per stage)
@@ -219,7 +220,6 @@ class ConvNeXtKeyMap(TableKeyMap):
 # ---------------------------------------------------------------------------
 # Registration.
 
-_TV = "https://download.pytorch.org/models/"
 # torchvision's only weights (IMAGENET1K_V1 = DEFAULT): crop 224 after
 # resizing to 236 / 230 / 232, bilinear.
 _TORCHVISION_WEIGHTS = {
@@ -241,12 +241,6 @@ _TIMM_WEIGHTS = {
 _TORCHVISION_DROP_PATH_RATE = {"convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5}
 
 
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo)
-
-
 def layer_groups(variant: str):
     depths, _ = VARIANTS[variant]
     groups = [("stem", (("stem_conv",), ("stem_norm",)))]
@@ -264,9 +258,9 @@ _DESCRIPTIONS = {"convnext_tiny": "ConvNeXt-T", "convnext_small": "ConvNeXt-S", 
 
 def _register_all() -> None:
     for name, (depths, dims) in VARIANTS.items():
-        tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre)
+        tv_weights = tuple(torchvision_weights(tag, fname, pre)
                            for tag, fname, pre in _TORCHVISION_WEIGHTS[name])
-        timm_weights = tuple(_hf_weights(name, tag, timm_preprocessing(224, crop_pct, "bicubic"))
+        timm_weights = tuple(timm_hub_weights(name, tag, timm_preprocessing(224, crop_pct, "bicubic"))
                              for tag, crop_pct in _TIMM_WEIGHTS[name])
         register(BackboneSpec(
             name=name,

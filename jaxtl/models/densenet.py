@@ -34,11 +34,12 @@ from jaxtl.registry import (
     BackboneSpec,
     FlaxPath,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     register,
     standard_key_map,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 GROWTH_RATE = 32
@@ -228,7 +229,6 @@ def key_map(flax_path: FlaxPath):
 # ---------------------------------------------------------------------------
 # Registration.
 
-_TV = "https://download.pytorch.org/models/"
 _TV_V1 = Preprocessing(224, 256)   # torchvision IMAGENET1K_V1: resize 256, crop 224, bilinear
 _TORCHVISION_FILES = {
     "densenet121": "densenet121-a639ec97.pth",
@@ -246,12 +246,6 @@ _TIMM_TAGS = {
 _TIMM_EVAL = timm_preprocessing(224, 0.875, "bicubic")
 
 
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo)
-
-
 def layer_groups(block_sizes: Sequence[int]):
     groups = [("stem", (("conv0",), ("norm0",)))]
     for i in range(len(block_sizes)):
@@ -267,8 +261,8 @@ def layer_groups(block_sizes: Sequence[int]):
 def _register_all() -> None:
     for name, block_sizes in BLOCK_SIZES.items():
         tv_file = _TORCHVISION_FILES[name]
-        tv_weights = (PretrainedWeights("IMAGENET1K_V1", tv_file, _TV + tv_file, _TV_V1),)
-        timm_weights = tuple(_hf_weights(name, tag, _TIMM_EVAL) for tag in _TIMM_TAGS[name])
+        tv_weights = (torchvision_weights("IMAGENET1K_V1", tv_file, _TV_V1),)
+        timm_weights = tuple(timm_hub_weights(name, tag, _TIMM_EVAL) for tag in _TIMM_TAGS[name])
         register(BackboneSpec(
             name=name,
             family="densenet",

@@ -56,12 +56,13 @@ from jaxtl.registry import (
     INCEPTION_STD,
     BackboneSpec,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     TableKeyMap,
     conv1x1_to_dense,
     register,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 # ---------------------------------------------------------------------------
@@ -308,7 +309,6 @@ class EfficientNetKeyMap(TableKeyMap):
 # ---------------------------------------------------------------------------
 # Registration.
 
-_TV = "https://download.pytorch.org/models/"
 
 
 def _tv_bicubic(crop: int, resize: int) -> Preprocessing:
@@ -371,12 +371,6 @@ def _torchvision_kwargs(name: str) -> dict[str, Any]:
 _TIMM_KWARGS = dict(bn_epsilon=1e-5, bn_momentum=0.9, drop_rate=0.0, drop_path_rate=0.0)
 
 
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing, note: str = "") -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo, note=note)
-
-
 def layer_groups(variant: str):
     arch = architecture(*VARIANTS[variant])
     groups = [("stem", (("stem_conv",), ("stem_bn",)))]
@@ -389,10 +383,10 @@ def layer_groups(variant: str):
 
 def _register_all() -> None:
     for name, (width_mult, depth_mult) in VARIANTS.items():
-        tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre)
+        tv_weights = tuple(torchvision_weights(tag, fname, pre)
                            for tag, fname, pre in _TORCHVISION_WEIGHTS[name])
         timm_weights = tuple(
-            _hf_weights(name, tag, timm_preprocessing(size, crop_pct, "bicubic", mean or IMAGENET_MEAN,
+            timm_hub_weights(name, tag, timm_preprocessing(size, crop_pct, "bicubic", mean or IMAGENET_MEAN,
                                                       std or IMAGENET_STD), note)
             for tag, size, crop_pct, mean, std, note in _TIMM_WEIGHTS[name])
         arch = architecture(width_mult, depth_mult)

@@ -45,12 +45,13 @@ from jaxtl.registry import (
     LEAF_TO_TORCH,
     BackboneSpec,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     TableKeyMap,
     conv1x1_to_dense,
     register,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 # ---------------------------------------------------------------------------
@@ -359,7 +360,6 @@ class MobileNetKeyMap(TableKeyMap):
 # ---------------------------------------------------------------------------
 # Registration.
 
-_TV = "https://download.pytorch.org/models/"
 _TV_V1 = Preprocessing(224, 256)   # resize 256, crop 224, bilinear
 _TV_V2 = Preprocessing(224, 232)   # the "new training recipe" weights: resize 232
 _TIMM_EVAL = timm_preprocessing(224, 0.875, "bicubic")
@@ -396,12 +396,6 @@ _DESCRIPTIONS = {
 }
 
 
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo)
-
-
 def layer_groups(arch_name: str):
     arch = architecture(arch_name)
     groups = [("stem", (("stem_conv",), ("stem_bn",)))]
@@ -417,8 +411,8 @@ def layer_groups(arch_name: str):
 def _register_all() -> None:
     for name, (arch_name, timm_name, timm_tag, tv) in _MODELS.items():
         version = arch_name[:2]
-        tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre) for tag, fname, pre in tv)
-        timm_weights = (_hf_weights(timm_name, timm_tag, _TIMM_EVAL),)
+        tv_weights = tuple(torchvision_weights(tag, fname, pre) for tag, fname, pre in tv)
+        timm_weights = (timm_hub_weights(timm_name, timm_tag, _TIMM_EVAL),)
         register(BackboneSpec(
             name=name,
             family="mobilenet",

@@ -17,11 +17,12 @@ from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_poo
 from jaxtl.registry import (
     BackboneSpec,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     register,
     standard_key_map,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 
@@ -122,7 +123,6 @@ _ARCHS = {
 }
 
 # torchvision's published ImageNet weights; the first one is torchvision's DEFAULT.
-_TV = "https://download.pytorch.org/models/"
 _TV_V1 = Preprocessing(224, 256)   # resize 256, crop 224, bilinear
 _TV_V2 = Preprocessing(224, 232)   # the "new training recipe" weights: resize 232
 _TORCHVISION_WEIGHTS = {
@@ -141,12 +141,6 @@ _TIMM_TAGS = {"resnet18": "a1_in1k", "resnet34": "a1_in1k", "resnet50": "a1_in1k
               "resnet101": "a1h_in1k", "resnet152": "a1h_in1k"}
 
 
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo)
-
-
 def _layer_groups(stage_sizes: Sequence[int]):
     return (
         ("stem", (("conv1",), ("bn1",))),
@@ -157,8 +151,8 @@ def _layer_groups(stage_sizes: Sequence[int]):
 
 def _register_all() -> None:
     for name, (block, stages) in _ARCHS.items():
-        tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre) for tag, fname, pre in _TORCHVISION_WEIGHTS[name])
-        timm_weights = (_hf_weights(name, _TIMM_TAGS[name], timm_preprocessing(224, 0.95, "bicubic")),)
+        tv_weights = tuple(torchvision_weights(tag, fname, pre) for tag, fname, pre in _TORCHVISION_WEIGHTS[name])
+        timm_weights = (timm_hub_weights(name, _TIMM_TAGS[name], timm_preprocessing(224, 0.95, "bicubic")),)
         register(BackboneSpec(
             name=name,
             family="resnet",

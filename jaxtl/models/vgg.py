@@ -36,7 +36,7 @@ from jax import lax
 
 from jaxtl.errors import ConfigError
 from jaxtl.models.layers import BatchNorm, conv, dense, max_pool, inference_mode
-from jaxtl.registry import BackboneSpec, Preprocessing, PretrainedWeights, SourceSpec, register, standard_key_map
+from jaxtl.registry import BackboneSpec, Preprocessing, SourceSpec, register, standard_key_map, torchvision_weights
 
 # Output channels of the five blocks; the architectures differ only in how
 # many convolutions each block has (the paper's configurations A, B, D, E).
@@ -167,7 +167,6 @@ class VGG(nn.Module):
 # ---------------------------------------------------------------------------
 # Registration.
 
-_TV = "https://download.pytorch.org/models/"
 # torchvision's IMAGENET1K_V1 for every VGG: resize 256, crop 224, bilinear,
 # ImageNet mean/std. (vgg16's IMAGENET1K_FEATURES, ported from ssd.pytorch,
 # has no classifier and another normalisation; it is not listed.)
@@ -203,7 +202,7 @@ def _register_all() -> None:
         base = name.removesuffix("_bn")
         batch_norm = name.endswith("_bn")
         depths = BLOCK_DEPTHS[base]
-        weights = (PretrainedWeights("IMAGENET1K_V1", filename, _TV + filename, _TV_V1),)
+        weights = (torchvision_weights("IMAGENET1K_V1", filename, _TV_V1),)
         n_layers = sum(depths) + 3
         register(BackboneSpec(
             name=name,

@@ -40,10 +40,11 @@ from jaxtl.registry import (
     BackboneSpec,
     FlaxPath,
     Preprocessing,
-    PretrainedWeights,
     SourceSpec,
     register,
     timm_preprocessing,
+    torchvision_weights,
+    timm_hub_weights,
 )
 
 # ---------------------------------------------------------------------------
@@ -432,7 +433,6 @@ _TIMM_PRE = timm_preprocessing(224, 0.9, "bicubic", INCEPTION_MEAN, INCEPTION_ST
 # weights (384 / 512 px) are left out: PretrainedWeights cannot say which
 # img_size to build the model for. The SWAG linear-classifier weights are
 # 224 px with the same architecture.
-_TV = "https://download.pytorch.org/models/"
 _TV_SWAG_LINEAR = Preprocessing(224, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
 _TORCHVISION_WEIGHTS = {
     "vit_b_16": [("IMAGENET1K_V1", "vit_b_16-c867db91.pth", Preprocessing(224, 256)),
@@ -440,12 +440,6 @@ _TORCHVISION_WEIGHTS = {
     "vit_l_16": [("IMAGENET1K_V1", "vit_l_16-852ce7e3.pth", Preprocessing(224, 242)),
                  ("IMAGENET1K_SWAG_LINEAR_V1", "vit_l_16_lc_swag-4d563306.pth", _TV_SWAG_LINEAR)],
 }
-
-
-def _hf_weights(model: str, tag: str, preprocessing: Preprocessing) -> PretrainedWeights:
-    repo = f"timm/{model}.{tag}"
-    return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo)
 
 
 def layer_groups(depth: int):
@@ -459,11 +453,11 @@ def layer_groups(depth: int):
 
 def _register_all() -> None:
     for name, (width, depth, heads, timm_tag, tv_name) in _ARCHS.items():
-        sources = {"timm": SourceSpec("timm", name, timm_key_map, (_hf_weights(name, timm_tag, _TIMM_PRE),),
+        sources = {"timm": SourceSpec("timm", name, timm_key_map, (timm_hub_weights(name, timm_tag, _TIMM_PRE),),
                                       adapt=timm_adapt)}
         aliases = {}
         if tv_name is not None:
-            tv_weights = tuple(PretrainedWeights(tag, fname, _TV + fname, pre)
+            tv_weights = tuple(torchvision_weights(tag, fname, pre)
                                for tag, fname, pre in _TORCHVISION_WEIGHTS[tv_name])
             sources["torchvision"] = SourceSpec("torchvision", tv_name, torchvision_key_map, tv_weights,
                                                 adapt=torchvision_adapt)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
+from jaxtl.training.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl import runtime
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
@@ -54,8 +54,9 @@ from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
 from jaxtl.strategies import (DOMAIN_KEY, Stage, all_labels, check_label_tree, label_tree,
-                              split_variables, trainable_labels)
+                              split_variables, stage_at, trainable_labels)
 from jaxtl.training.config import CONFIG_FILE, TrainConfig
+from jaxtl.training.evaluation import accumulate, metrics
 from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
@@ -354,12 +355,6 @@ class Trainer:
 
     # -- compiled steps per stage -------------------------------------------------------------
 
-    def stage_for(self, epoch: int) -> Stage:
-        for stage in self.stages:
-            if stage.start_epoch <= epoch < stage.end_epoch:
-                return stage
-        return self.stages[-1]
-
     def compiled(self, stage: Stage) -> "_StageSteps":
         """What a stage trains with, built once: its labels, optimizer, mapped train step and frozen variables."""
         if stage.index not in self._compiled:
@@ -493,24 +488,11 @@ class Trainer:
             outputs = [evaluate(variables, self._placed[id(loader)])]
         else:
             outputs = (evaluate(variables, batch) for batch in loader.epoch(0))
-        sums = {"loss_sum": 0.0, "correct": 0.0, "correct_topk": 0.0, "count": 0.0}
-        preds = []
-        for out in outputs:
-            if stacked:  # one output per batch, summed on the host in batch order as without the stack
-                host = jax.device_get({k: v for k, v in out.items() if k != "pred"})
-                for i in range(len(host["count"])):
-                    for k in sums:
-                        sums[k] += float(host[k][i])
-            else:
-                for k in sums:
-                    sums[k] += float(out[k])
-            preds.append(self.dp.unshard_per_example(out["pred"], stacked))
+        sums, pred = accumulate(outputs, stacked, lambda p: self.dp.unshard_per_example(p, stacked))
         self._note_bad(loader)
-        n = loader.n
-        pred = np.concatenate(preds)[:n]
-        count = max(sums["count"], 1.0)
-        return {"val_loss": sums["loss_sum"] / count, "val_top1": sums["correct"] / count,
-                "val_top5": sums["correct_topk"] / count, "val_count": int(sums["count"]), "pred": pred}
+        m = metrics(sums)
+        return {"val_loss": m["loss"], "val_top1": m["top1"], "val_top5": m["top5"], "val_count": m["count"],
+                "pred": pred[:loader.n]}
 
     def run(self) -> TrainResult:
         try:
@@ -553,7 +535,7 @@ class Trainer:
         cfg, log = self.cfg, self.log
         metrics_log = MetricsLog(self.out)
         start_epoch, start_batch, partial_sums, nonfinite = 0, 0, None, 0
-        stage = self.stage_for(0)
+        stage = stage_at(self.stages, 0)
         if cfg.resume:
             step = self.ckpts.latest_step()
             state, stage, record = self._restore(step)
@@ -574,7 +556,7 @@ class Trainer:
         last_eval = None
         with signals:
             for epoch in range(start_epoch, cfg.epochs):
-                new_stage = self.stage_for(epoch)
+                new_stage = stage_at(self.stages, epoch)
                 if new_stage.index != stage.index:
                     state = self._enter_stage(state, stage, new_stage)
                     log(f"stage {new_stage.index}: now training {', '.join(new_stage.trainable)} "

@@ -34,7 +34,7 @@ from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, 
 from jaxtl.training.parallel import AXIS, DataParallel  # noqa: E402
 from jaxtl.training.state import create_train_state  # noqa: E402
 from jaxtl.training.step import image_forward, make_train_step  # noqa: E402
-from jaxtl.dann import ganin_lambda, init_domain_classifier, make_dann_step  # noqa: E402
+from jaxtl.training.dann import ganin_lambda, init_domain_classifier, make_dann_step  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jaxtl.strategies import DOMAIN_KEY  # noqa: E402
 
