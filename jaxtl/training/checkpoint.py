@@ -18,9 +18,7 @@
   optax.multi_transform keeps one inner state per label, each a copy of the
   whole parameter tree with ``MaskedNode`` placeholders outside its label:
   MobileNetV2 feature extraction has 158 parameter arrays but 6993 optimizer
-  state nodes, and orbax spent most of every save walking them (2 cores, a
-  feature-extraction state: 1.2-1.5 s per save, 0.5 s as a list of arrays;
-  the default job's Adam state read 3.2 s under cProfile). Restoring
+  state nodes, and orbax spent most of every save walking them. Restoring
   unflattens the list with the structure of the optimizer the run builds
   anyway (``abstract_state``).
 * :class:`RunLock` is an ``flock`` on ``<output>/.lock``: a second run on the
