@@ -14,8 +14,6 @@ for a ResNet; ``embed, block0..block11, norm, head`` for a ViT-B).
   ``(epoch, group)`` pairs of ``unfreeze_at`` (fastai's ``freeze_to``, Lightning's
   ``BackboneFinetuning``). Each stage is a fixed set of frozen groups; the
   optimizer state of groups that were already training is carried over.
-* ``dann`` - domain-adversarial training (:mod:`jaxtl.training.dann`): groups train as in
-  ``finetune``, plus a domain classifier behind a gradient-reversal layer.
 
 Per-group learning-rate multipliers for trainable backbone groups, at most one of:
 ``lr_mults`` (explicit, like per-layer Adam param groups), ``lr_spread`` (the first
@@ -33,20 +31,21 @@ dropout is off (the Keras semantics). Only the trainable part is the train state
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from flax import traverse_util
 
 from jaxtl.errors import ConfigError
 from jaxtl.registry import BackboneSpec
 
-STRATEGIES = ("feature_extract", "finetune", "progressive", "dann")
+STRATEGIES = ("feature_extract", "finetune", "progressive")
 FROZEN = "frozen"
 NO_DECAY_SUFFIX = "/no_decay"
-# Parameters outside the backbone's registry groups: DANN's domain classifier.
-# They always train, at the head's rate.
-DOMAIN_KEY = "domain_classifier"
-DOMAIN_GROUP = "domain"
+# Parameters an objective adds beside the backbone's (jaxtl.training.objectives), under top-level
+# keys of their own, form one more group: it always trains, at the head's rate. Its labels are in
+# every optimizer (all_labels), so a checkpoint's optimizer state has one shape whatever the
+# objective; "domain" is the name checkpoints were written with.
+EXTRA_GROUP = "domain"
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ class Strategy:
         if self.kind == "feature_extract":
             return groups[:-1]
         floor = self._floor(spec)
-        if self.kind in ("finetune", "dann"):
+        if self.kind == "finetune":
             return groups[:floor]
         starts = self._unfreeze_epochs(spec)
         return tuple(g for g in groups[:-1] if g not in starts or epoch < starts[g])
@@ -161,7 +160,7 @@ class Strategy:
     def lr_multipliers(self, spec: BackboneSpec) -> dict[str, float]:
         """Multiplier of the base learning rate for every group (head = 1)."""
         mults = self._group_multipliers(spec)
-        mults[DOMAIN_GROUP] = mults[spec.group_names[-1]]  # the domain classifier learns at the head's rate
+        mults[EXTRA_GROUP] = mults[spec.group_names[-1]]  # an objective's own parameters learn at the head's rate
         return mults
 
     def _group_multipliers(self, spec: BackboneSpec) -> dict[str, float]:
@@ -201,12 +200,14 @@ def decays(path: Sequence[str]) -> bool:
     return path[-1] == "kernel"
 
 
-def group_of(spec: BackboneSpec, path: Sequence[str]) -> str:
-    """The layer group of a variable path (without its collection), DANN's domain classifier included."""
-    return DOMAIN_GROUP if path[0] == DOMAIN_KEY else spec.group_of(path)
+def group_of(spec: BackboneSpec, path: Sequence[str], extra_keys: Collection[str] = ()) -> str:
+    """The layer group of a variable path (without its collection); paths under ``extra_keys``
+    (an objective's own parameters) are in :data:`EXTRA_GROUP`."""
+    return EXTRA_GROUP if path[0] in extra_keys else spec.group_of(path)
 
 
-def split_variables(spec: BackboneSpec, variables: Mapping[str, Any], frozen: Sequence[str]) -> tuple[dict, dict]:
+def split_variables(spec: BackboneSpec, variables: Mapping[str, Any], frozen: Sequence[str],
+                    extra_keys: Collection[str] = ()) -> tuple[dict, dict]:
     """``(trainable, frozen)``: the variables of the trainable groups and those of the frozen ones.
 
     Both keep every collection of ``variables`` (``params``, ``batch_stats``), each holding only its
@@ -217,9 +218,9 @@ def split_variables(spec: BackboneSpec, variables: Mapping[str, Any], frozen: Se
     for collection, tree in variables.items():
         flat = traverse_util.flatten_dict(_plain(tree))
         trainable_part[collection] = traverse_util.unflatten_dict(
-            {p: v for p, v in flat.items() if group_of(spec, p) not in frozen})
+            {p: v for p, v in flat.items() if group_of(spec, p, extra_keys) not in frozen})
         frozen_part[collection] = traverse_util.unflatten_dict(
-            {p: v for p, v in flat.items() if group_of(spec, p) in frozen})
+            {p: v for p, v in flat.items() if group_of(spec, p, extra_keys) in frozen})
     return trainable_part, frozen_part
 
 
@@ -230,9 +231,11 @@ def trainable_labels(labels: Any) -> dict:
     return traverse_util.unflatten_dict({p: label for p, label in flat.items() if label != FROZEN})
 
 
-def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_decay: bool = True) -> dict:
+def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_decay: bool = True,
+               extra_keys: Collection[str] = ()) -> dict:
     """One label per parameter: its group name (``+ "/no_decay"`` where weight
-    decay must not apply), or ``"frozen"`` for parameters of frozen groups."""
+    decay must not apply), or ``"frozen"`` for parameters of frozen groups.
+    Parameters under ``extra_keys`` are an objective's own (:data:`EXTRA_GROUP`)."""
     frozen = set(frozen)
     unknown = frozen - set(spec.group_names)
     if unknown:
@@ -241,7 +244,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
     flat = traverse_util.flatten_dict(_plain(params))
     labels = {}
     for path in flat:
-        group = group_of(spec, path)
+        group = group_of(spec, path, extra_keys)
         if group in frozen:
             labels[path] = FROZEN
         elif weight_decay and decays(path):
@@ -254,7 +257,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
 def all_labels(spec: BackboneSpec) -> tuple[str, ...]:
     """Every label a label tree of this backbone can contain."""
     out = [FROZEN]
-    for g in (*spec.group_names, DOMAIN_GROUP):
+    for g in (*spec.group_names, EXTRA_GROUP):
         out += [g, g + NO_DECAY_SUFFIX]
     return tuple(out)
 

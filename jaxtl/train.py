@@ -215,6 +215,8 @@ def config_from_args(args: argparse.Namespace):
                 raise ConfigError(f"--milestones: expected epochs like 30,60, got {v!r}") from None
         else:
             top[k] = v
+    if strategy_kw["kind"] == "dann":  # --strategy dann: finetune's groups with the adversarial objective
+        strategy_kw["kind"], top["objective"] = "finetune", "dann"
     return TrainConfig(strategy=Strategy(**strategy_kw), optim=OptimConfig(**optim_kw), **top)
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import jaxtl
-from jaxtl.training.dann import ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
+from jaxtl.training.dann import DOMAIN_KEY, ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare
 from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
-from jaxtl.strategies import DOMAIN_KEY, Strategy, all_labels, label_tree, split_variables, trainable_labels
+from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, trainable_labels
 from jaxtl.training.state import create_train_state
 
 
@@ -51,9 +51,9 @@ def _dann_setup(name: str, size: int, batch: int = 4):
     feats = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), features_only=True), variables)
     params = {**variables["params"], DOMAIN_KEY: init_domain_classifier(feats.shape[-1], 0)}
     variables = {"params": params, "batch_stats": variables.get("batch_stats", {})}
-    strategy = Strategy("dann")
-    labels = trainable_labels(label_tree(spec, params, strategy.frozen_groups(spec)))
-    trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec))
+    strategy = Strategy("finetune")   # DANN trains finetune's groups, plus its own domain classifier
+    labels = trainable_labels(label_tree(spec, params, strategy.frozen_groups(spec), extra_keys=(DOMAIN_KEY,)))
+    trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec), extra_keys=(DOMAIN_KEY,))
     cfg = OptimConfig(opt="sgd", lr=0.01, momentum=0.9, sched="constant")
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 1)
     pre = spec.preprocessing.at_size(size)
@@ -168,3 +168,22 @@ def test_dann_beats_source_only_on_the_shifted_digits(tmp_path):
     print(f"source-only: val {src_val:.4f} target {src_target:.4f}; dann: val {dann_val:.4f} target {dann_target:.4f}")
     assert src_val > 0.9 and dann_val > 0.9              # both learned the source task
     assert dann_target - src_target >= MARGIN_BOUND, (src_target, dann_target)
+
+
+def test_dann_is_an_objective_beside_finetunes_groups_and_old_run_configs_still_read():
+    """--strategy dann (and strategy="dann" in Python) is finetune's groups with the adversarial objective;
+    a config.json written when dann was a strategy kind reads as the same run."""
+    from jaxtl.training.config import TrainConfig
+    from jaxtl.training.objectives import DomainAdversarial, make_objective
+
+    cfg = TrainConfig(strategy="dann", target_data="digits-shifted")
+    assert cfg.objective == "dann" and cfg.strategy == Strategy("finetune") and cfg.strategy_name == "dann"
+    assert isinstance(make_objective(cfg), DomainAdversarial) and make_objective(cfg).extra_keys == (DOMAIN_KEY,)
+    old = cfg.to_dict()
+    old.pop("objective")
+    old["strategy"]["kind"] = "dann"
+    assert TrainConfig.from_dict(old) == cfg
+    with pytest.raises(jaxtl.ConfigError, match="--strategy dann needs --target-data"):
+        TrainConfig(strategy="dann").validate()
+    with pytest.raises(jaxtl.ConfigError, match="unknown strategy 'dann'"):
+        Strategy("dann")   # the strategies know groups only; the objective is the config's

@@ -21,6 +21,8 @@ from jaxtl.registry import resolve
 from jaxtl.strategies import Strategy
 
 CONFIG_FILE = "config.json"
+OBJECTIVES = ("classification", "dann")
+DANN = "dann"
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainConfig:
     output: str = "runs/default"
     resume: bool = False
     cache_features: bool | None = None    # None: on for feature_extract (the backbone runs once), else off
+    objective: str = "classification"      # or "dann": domain-adversarial training towards target_data
     target_data: str | None = None         # images of another domain: dann trains on them (unlabelled);
                                            # every strategy reports accuracy on their validation split
     domain_weight: float = 1.0             # dann: weight of the domain loss
@@ -66,6 +69,8 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
 
     def __post_init__(self):
+        if self.strategy == DANN:  # the command line's --strategy dann: finetune's groups, DANN's objective
+            self.strategy, self.objective = Strategy("finetune"), DANN
         if isinstance(self.strategy, str):
             self.strategy = Strategy(self.strategy)
         if not isinstance(self.strategy, Strategy):
@@ -74,6 +79,11 @@ class TrainConfig:
             raise ConfigError(f"optim must be a jaxtl.OptimConfig, got {type(self.optim).__name__}")
         if self.cache_features is None:
             self.cache_features = self.strategy.kind == "feature_extract"
+
+    @property
+    def strategy_name(self) -> str:
+        """What ``--strategy`` names: the strategy's kind, or ``dann`` for the adversarial objective."""
+        return DANN if self.objective == DANN else self.strategy.kind
 
     def with_absolute_paths(self) -> "TrainConfig":
         """The same options with local paths made absolute: config.json, and so ``--resume``, do not
@@ -98,6 +108,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         s = dict(d.pop("strategy"))
+        if s.get("kind") == DANN:  # written before the objective was an option of its own
+            s["kind"], d["objective"] = "finetune", DANN
         s["unfreeze_at"] = tuple(tuple(x) for x in s.get("unfreeze_at", ()))
         o = dict(d.pop("optim"))
         for k in ("betas", "milestones"):
@@ -117,7 +129,9 @@ class TrainConfig:
         if self.cache_features and self.strategy.kind != "feature_extract":
             raise ConfigError(f"--cache-features only works with --strategy feature_extract (the backbone must be "
                               f"frozen for its features to be cached), not {self.strategy.kind}")
-        if self.strategy.kind == "dann" and not self.target_data:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == DANN and not self.target_data:
             raise ConfigError("--strategy dann needs --target-data (images of the target domain: a folder, "
                               "digits-shifted, digits-inverted or tfds:NAME)")
         if self.domain_weight < 0:

@@ -10,8 +10,8 @@ over training progress ``p`` in [0, 1] (Ganin et al.), so the adversary does
 not disturb the pretrained features before it has learned anything.
 
 The domain classifier's parameters live under ``params["domain_classifier"]``
-in the train state (label ``"domain"``: always trained, at the head's rate) and
-are dropped from the exported model.
+in the train state (an objective's own group: always trained, at the head's
+rate) and are dropped from the exported model.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import optax
 from jax import lax
 
 from jaxtl.models.layers import dense
-from jaxtl.strategies import DOMAIN_KEY
 from jaxtl.training.state import TrainState, merge, select_like
 from jaxtl.training.step import (TRAIN_METRICS, Prepare, apply_gradients, cross_entropy, head_logits, head_params,
                                  step_key)
 
 DANN_METRICS = (*TRAIN_METRICS, "domain_loss_sum", "domain_correct", "domain_count", "lambda")
+DOMAIN_KEY = "domain_classifier"   # the domain classifier's parameters: params[DOMAIN_KEY]
 
 
 @jax.custom_vjp

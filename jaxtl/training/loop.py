@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.training.dann import DANN_METRICS, ganin_lambda, init_domain_classifier, make_dann_step
 from jaxtl import runtime
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
@@ -53,17 +52,17 @@ from jaxtl.models import abstract_variables, create_model, init_variables
 from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec, resolve
-from jaxtl.strategies import (DOMAIN_KEY, Stage, all_labels, check_label_tree, label_tree,
-                              split_variables, stage_at, trainable_labels)
+from jaxtl.strategies import (Stage, all_labels, check_label_tree, label_tree, split_variables, stage_at,
+                              trainable_labels)
 from jaxtl.training.config import CONFIG_FILE, TrainConfig
 from jaxtl.training.evaluation import accumulate, metrics
+from jaxtl.training.objectives import make_objective
 from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
                                    plot_confusion, plot_curves)
 from jaxtl.training.state import TrainState, create_train_state, merge
-from jaxtl.training.step import (TRAIN_METRICS, head_forward, image_forward, make_eval_step, make_train_step,
-                                 map_eval, pack_metrics, scan_steps, unpack_metrics)
+from jaxtl.training.step import (head_forward, make_eval_step, map_eval, pack_metrics, scan_steps, unpack_metrics)
 from jaxtl.weights import sha256_file
 
 BAD_FILES = "skipped_files.txt"
@@ -181,7 +180,7 @@ class Trainer:
         self.log(f"data {self.data.name}: {len(self.data.train)} training / {len(self.data.val)} validation "
                  f"images, {self.num_classes} classes [{time.perf_counter() - t0:.1f} s]")
         self.target: Dataset | None = None
-        self.adversarial = cfg.strategy.kind == "dann"
+        self.objective = make_objective(cfg)
         if cfg.target_data:
             self.target = load_dataset(cfg.target_data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
                                        seed=cfg.seed, strict=cfg.strict)
@@ -190,15 +189,17 @@ class Trainer:
             # The target's labels only serve evaluation, and only if its classes are the source's.
             self.target_labelled = self.target.class_names == self.data.class_names
             self.log(f"target domain {self.target.name}: "
-                     + (f"{len(self.target.train)} unlabelled training images, " if self.adversarial else "")
+                     + (f"{len(self.target.train)} unlabelled training images, "
+                        if self.objective.trains_on_target else "")
                      + (f"{len(self.target.val)} labelled validation images" if self.target_labelled else
                         "its classes differ from the source's: no target accuracy"))
 
         self._load_weights()
         self.model = create_model(self.spec.name, self.num_classes, source=self.source, dtype=cfg.dtype,
                                   axis_name=AXIS, **self.model_kwargs)
-        if self.adversarial:
-            self.variables["params"][DOMAIN_KEY] = init_domain_classifier(self._num_features(), cfg.seed)
+        if self.objective.extra_keys:  # the objective's own parameters, beside the backbone's
+            self.variables["params"].update(self.objective.init_params(self._num_features(), cfg.seed))
+        self.head_drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
         self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter,
@@ -207,18 +208,18 @@ class Trainer:
         self._compiled: dict[int, _StageSteps] = {}
         self._placed: dict[int, Any] = {}  # evaluation batches of cached features, on the devices
         self._stepped: set[int] = set()  # stages whose train step has run (compiled)
-        self.metric_names = DANN_METRICS if self.adversarial else TRAIN_METRICS
+        self.metric_names = self.objective.metric_names
 
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
                          put=self.dp.put_batch)
-        # DANN merges source and target batches before they go to the devices.
-        train_kw = {**loader_kw, "put": None} if self.adversarial else loader_kw
+        # An objective that trains on the target merges source and target batches before they go to the devices.
+        train_kw = {**loader_kw, "put": None} if self.objective.trains_on_target else loader_kw
         self.train_loader = Loader(self.data.train, self.pre, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
                                    **train_kw)
         self.val_loader = Loader(self.data.val, self.pre, batch_size=self.eval_batch_size, train=False, **loader_kw)
         self.target_loader = self.target_val_loader = None
         if self.target is not None:
-            if self.adversarial:
+            if self.objective.trains_on_target:
                 self.target_loader = Loader(self.target.train, self.pre, batch_size=cfg.batch_size, train=True,
                                             seed=cfg.seed + 1, **train_kw)
             if self.target_labelled:
@@ -347,7 +348,7 @@ class Trainer:
                                   "--weights-file")
 
     def _num_features(self) -> int:
-        """Width of the pooled features (what the head and DANN's domain classifier see)."""
+        """Width of the pooled features (what the head and an objective's own classifiers see)."""
         size = self.pre.input_size
         shape = jax.eval_shape(lambda v: self.model.apply(v, np.zeros((1, size, size, 3), np.float32),
                                                           features_only=True), self.variables)
@@ -358,33 +359,19 @@ class Trainer:
     def compiled(self, stage: Stage) -> "_StageSteps":
         """What a stage trains with, built once: its labels, optimizer, mapped train step and frozen variables."""
         if stage.index not in self._compiled:
-            labels = label_tree(self.spec, self.variables["params"], stage.frozen)
+            labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.objective.extra_keys)
             check_label_tree(labels, self.variables["params"])
             labels = trainable_labels(labels)
             tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                 self.cfg.epochs)
-            drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
-            if self.adversarial:
-                step = make_dann_step(self.model, tx, frozen=stage.frozen, head_path=self.spec.head_path,
-                                      num_classes=self.num_classes, prepare=self.prepare_train,
-                                      total_steps=self.steps_per_epoch * self.cfg.epochs,
-                                      domain_weight=self.cfg.domain_weight, drop_rate=drop_rate,
-                                      separate_bn=self.cfg.dann_separate_bn,
-                                      label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
-            elif self.cfg.cache_features:
-                step = make_train_step(head_forward(self.spec.head_path, drop_rate), tx, num_classes=self.num_classes,
-                                       label_smoothing=self.cfg.label_smoothing, axis_name=AXIS)
-            else:
-                step = make_train_step(image_forward(self.model, frozen=stage.frozen, prepare=self.prepare_train), tx,
-                                       num_classes=self.num_classes, label_smoothing=self.cfg.label_smoothing,
-                                       axis_name=AXIS)
+            step = self.objective.make_step(self, stage, tx)
             step = pack_metrics(step, self.metric_names)
             if self.cfg.cache_features:  # the head alone: the whole epoch is one call, and no frozen variable is read
                 mapped = self.dp.train_step(scan_steps(step), stacked=True)
                 frozen = {"params": {}, "batch_stats": {}}
             else:
                 mapped = self.dp.train_step(step)
-                frozen = split_variables(self.spec, self.variables, stage.frozen)[1]
+                frozen = self._split(self.variables, stage.frozen)[1]
             self._compiled[stage.index] = _StageSteps(labels, tx, mapped, self.dp.replicate(frozen))
         return self._compiled[stage.index]
 
@@ -440,16 +427,21 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------
 
     def initial_state(self, stage: Stage) -> TrainState:
-        trainable, _ = split_variables(self.spec, self.variables, stage.frozen)
+        trainable, _ = self._split(self.variables, stage.frozen)
         # Copies: the state is donated to the train step, and self.variables stays the run's start.
         return self.dp.replicate(self._new_state(_copy(trainable), self.compiled(stage).tx))
 
     def abstract_state(self, stage: Stage) -> TrainState:
         """Shapes, dtypes and shardings of ``stage``'s train state, the target a checkpoint restores
         into. No arrays are made or read."""
-        trainable, _ = split_variables(self.spec, self.variables, stage.frozen)
+        trainable, _ = self._split(self.variables, stage.frozen)
         tx = self.compiled(stage).tx  # built outside the trace: the stage also places its frozen variables
         return self.dp.abstract_replicated(jax.eval_shape(lambda v: self._new_state(v, tx), trainable))
+
+    def _split(self, variables: dict, frozen) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` parts of ``variables`` (strategies.split_variables), the objective's own
+        parameters in the trainable part."""
+        return split_variables(self.spec, variables, frozen, self.objective.extra_keys)
 
     def _new_state(self, trainable: dict, tx) -> TrainState:
         return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim))
@@ -460,8 +452,8 @@ class Trainer:
         if not set(new.frozen) <= set(old.frozen):
             raise TrainingError(f"stage {new.index} freezes {', '.join(sorted(set(new.frozen) - set(old.frozen)))} "
                                 "again after training it; strategies only unfreeze")
-        trainable, _ = split_variables(self.spec, self.variables, new.frozen)
-        _, joined = split_variables(self.spec, trainable, old.frozen)  # in the new trainable set, frozen before
+        trainable, _ = self._split(self.variables, new.frozen)
+        _, joined = self._split(trainable, old.frozen)  # in the new trainable set, frozen before
         joined = self.dp.replicate(_copy(joined))
         params, batch_stats = merge(joined["params"], state.params), merge(joined["batch_stats"], state.batch_stats)
         old_steps, new_steps = self.compiled(old), self.compiled(new)
@@ -469,12 +461,12 @@ class Trainer:
         return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
     def variables_of(self, state: TrainState, stage: Stage) -> dict:
-        """The model's variables: ``stage``'s frozen constants and the state's trainable part (DANN's
-        domain classifier left out). With cached features, what evaluation reads: the head."""
+        """The model's variables: ``stage``'s frozen constants and the state's trainable part (the
+        objective's own parameters left out). With cached features, what evaluation reads: the head."""
         if self.cfg.cache_features:
             return state.variables
         variables = merge(self.compiled(stage).frozen, state.variables)
-        variables["params"] = {k: v for k, v in variables["params"].items() if k != DOMAIN_KEY}
+        variables["params"] = {k: v for k, v in variables["params"].items() if k not in self.objective.extra_keys}
         return variables
 
     def evaluate(self, variables: dict, loader=None) -> dict:
@@ -519,13 +511,13 @@ class Trainer:
         """A checkpoint written before train states held only what trains: the whole model's variables,
         the optimizer over all of them. Its trainable part is kept; its optimizer state has the same arrays
         in the same order as one over the trainable part (frozen labels hold none), so it is re-shaped."""
-        labels = label_tree(self.spec, self.variables["params"], stage.frozen)
+        labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.objective.extra_keys)
         whole_tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                   self.cfg.epochs)
         whole = jax.eval_shape(lambda v: create_train_state(v, whole_tx, self.cfg.seed, plateau_init(self.cfg.optim)),
                                self.variables)
         state, record = self.ckpts.restore(step, self.dp.abstract_replicated(whole), record)
-        trainable, _ = split_variables(self.spec, state.variables, stage.frozen)
+        trainable, _ = self._split(state.variables, stage.frozen)
         target = self.abstract_state(stage)
         opt_state = jax.tree.unflatten(jax.tree.structure(target.opt_state), jax.tree.leaves(state.opt_state))
         return state.replace(params=trainable["params"], batch_stats=trainable["batch_stats"],
@@ -563,7 +555,7 @@ class Trainer:
                         f"({_count(state.params):,} parameters)")
                     stage = new_stage
                 t0 = time.perf_counter()
-                sums = dict(partial_sums or self._zero_sums())
+                sums = dict(partial_sums or self.objective.zero_sums())
                 first = start_batch if epoch == start_epoch else 0
                 state, sums, nonfinite, stopped_at = self._train_epoch(state, stage, epoch, first, sums,
                                                                        nonfinite, signals)
@@ -589,12 +581,7 @@ class Trainer:
                     "lr": float(schedule(opt_steps)) * float(jax.device_get(state.plateau.scale)),
                     "seconds": time.perf_counter() - t0, "step": int(state.step),
                 }
-                if self.adversarial:
-                    dcount = max(sums["domain_count"], 1.0)
-                    record.update(domain_loss=sums["domain_loss_sum"] / dcount,
-                                  domain_acc=sums["domain_correct"] / dcount,
-                                  dann_lambda=float(ganin_lambda(int(state.step) / (self.steps_per_epoch
-                                                                                   * cfg.epochs))))
+                record.update(self.objective.record(sums, int(state.step), self.steps_per_epoch * cfg.epochs))
                 if self.target_val_loader is not None:
                     target_eval = self.evaluate(variables, self.target_val_loader)
                     record.update(target_val_loss=target_eval["val_loss"], target_val_top1=target_eval["val_top1"],
@@ -658,7 +645,7 @@ class Trainer:
         if compiling:  # the first call compiles: its seconds are not a step's
             bar.set_postfix_str("compiling the train step", refresh=True)
         try:
-            for batch in self._batches(epoch, first_batch):
+            for batch in self.objective.batches(self, epoch, first_batch):
                 state, metrics = steps.train_step(state, steps.frozen, batch)
                 if compiling:
                     bar.reset(total=self.steps_per_epoch)  # rates and estimates from here on
@@ -684,31 +671,6 @@ class Trainer:
     def _read_metrics(self, packed) -> dict:
         return unpack_metrics(np.asarray(jax.device_get(packed)), self.metric_names)
 
-    def _batches(self, epoch: int, first: int):
-        if self.target_loader is None:
-            yield from self.train_loader.epoch(epoch, first)
-            return
-        # The target batch of global step s is fixed by s alone, so a resumed run sees the same pairs.
-        target = self._target_stream(epoch * self.steps_per_epoch + first)
-        try:
-            for batch in self.train_loader.epoch(epoch, first):
-                t = next(target)
-                yield self.dp.put_batch({**batch, "target_image": t["image"], "target_weight": t["weight"]})
-        finally:
-            target.close()
-
-    def _target_stream(self, step: int):
-        e, b = divmod(step, len(self.target_loader))
-        while True:
-            yield from self.target_loader.epoch(e, b)
-            e, b = e + 1, 0
-
-    def _zero_sums(self) -> dict:
-        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        if self.adversarial:
-            sums.update(domain_loss_sum=0.0, domain_correct=0.0, domain_count=0.0)
-        return sums
-
     def _save(self, state, epoch: int, batch: int, stage: Stage, partial_sums, nonfinite: int, metrics) -> None:
         record = {"epoch": epoch, "batch": batch, "stage": stage.index, "partial": partial_sums,
                   "nonfinite_skipped": nonfinite, "frozen": self.frozen_ref, STATE_LAYOUT_KEY: STATE_TRAINABLE}
@@ -723,12 +685,13 @@ class Trainer:
         final = records[-1] if records else {}
         # The frozen groups never changed: the run's starting variables with what trained on top.
         variables = merge(self.variables, jax.device_get(export_state.variables))
-        variables["params"].pop(DOMAIN_KEY, None)  # DANN's adversary stays behind
+        for key in self.objective.extra_keys:  # the objective's own parameters stay behind
+            variables["params"].pop(key, None)
         meta = {
             "backbone": self.spec.name, "source": self.source, "num_classes": self.num_classes,
             "class_names": self.data.class_names, "preprocessing": self.pre.to_dict(),
             "model_kwargs": self.model_kwargs, "weights": self.origin,
-            "training": {"data": cfg.data, "strategy": cfg.strategy.kind, "epochs": cfg.epochs,
+            "training": {"data": cfg.data, "strategy": cfg.strategy_name, "epochs": cfg.epochs,
                          "exported": cfg.export, "val_top1": final.get("val_top1"),
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
                          "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},

@@ -34,9 +34,8 @@ from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, 
 from jaxtl.training.parallel import AXIS, DataParallel  # noqa: E402
 from jaxtl.training.state import create_train_state  # noqa: E402
 from jaxtl.training.step import image_forward, make_train_step  # noqa: E402
-from jaxtl.training.dann import ganin_lambda, init_domain_classifier, make_dann_step  # noqa: E402
+from jaxtl.training.dann import DOMAIN_KEY, ganin_lambda, init_domain_classifier, make_dann_step  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jaxtl.strategies import DOMAIN_KEY  # noqa: E402
 
 DANN = "--dann" in sys.argv
 TOTAL_STEPS = 4  # DANN's lambda over the three steps: 0, 0.85, 0.99
@@ -46,15 +45,16 @@ spec = jaxtl.get_spec("resnet18")
 model = jaxtl.create_model("resnet18", num_classes=4, axis_name=AXIS)
 variables = jaxtl.init_variables(jaxtl.create_model("resnet18", num_classes=4), spec, 0)
 pre = spec.preprocessing.at_size(32)
-strategy = Strategy("dann" if DANN else "finetune", freeze_until="stem")
+strategy = Strategy("finetune", freeze_until="stem")   # DANN trains finetune's groups and its domain classifier
+extra_keys = (DOMAIN_KEY,) if DANN else ()
 # DANN at lr 0.05 diverges on these random images (loss 25 -> 39 in 3 steps), and a diverging
 # adversarial game amplifies summation-order rounding (1e-7) to 1e-2: compare at a stable lr.
 cfg = OptimConfig(opt="sgd", lr=0.01 if DANN else 0.05, momentum=0.9, weight_decay=1e-4, sched="cosine")
 if DANN:
     variables = {"params": {**variables["params"], DOMAIN_KEY: init_domain_classifier(512, 0)},
                  "batch_stats": variables["batch_stats"]}
-labels = trainable_labels(label_tree(spec, variables["params"], strategy.frozen_groups(spec)))
-trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec))
+labels = trainable_labels(label_tree(spec, variables["params"], strategy.frozen_groups(spec), extra_keys=extra_keys))
+trainable, frozen = split_variables(spec, variables, strategy.frozen_groups(spec), extra_keys)
 tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 10, 1)
 prepare = lambda key, images: eval_prepare(images, pre)  # noqa: E731  (no random crops: same input everywhere)
 if DANN:
