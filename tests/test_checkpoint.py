@@ -170,7 +170,7 @@ def test_a_resume_refuses_frozen_weights_other_than_the_runs(finetuned, tmp_path
 
     from jaxtl.export import MODEL_FILE, read_model_file, save_model, write_variables_file
     from jaxtl.strategies import Strategy
-    from jaxtl.training.loop import INITIAL_FILE
+    from jaxtl.training.start import INITIAL_FILE
 
     finetuned = Path(shutil.copytree(finetuned, tmp_path / "finetuned"))  # damaged below; the fixture stays whole
     # a run whose frozen backbone comes from a model folder (the fine-tuned run's export)

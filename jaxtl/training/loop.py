@@ -47,28 +47,26 @@ from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, TrainingError
-from jaxtl.export import load_model, read_variables_file, save_model, write_variables_file
-from jaxtl.models import abstract_variables, create_model, init_variables
+from jaxtl.export import save_model, write_variables_file
+from jaxtl.models import create_model
 from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
-from jaxtl.pretrained import load_pretrained, replace_head
-from jaxtl.registry import BackboneSpec, resolve
+from jaxtl.registry import resolve
 from jaxtl.strategies import (Stage, all_labels, check_label_tree, label_tree, split_variables, stage_at,
                               trainable_labels)
 from jaxtl.training.config import CONFIG_FILE, TrainConfig
 from jaxtl.training.evaluation import accumulate, metrics
+from jaxtl.training.feature_cache import cache_features
 from jaxtl.training.objectives import make_objective
 from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
 from jaxtl.training.parallel import AXIS, DataParallel
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
                                    plot_confusion, plot_curves)
+from jaxtl.training.start import starting_point
 from jaxtl.training.state import TrainState, create_train_state, merge
 from jaxtl.training.step import (head_forward, make_eval_step, map_eval, pack_metrics, scan_steps, unpack_metrics)
 from jaxtl.weights import sha256_file
 
 BAD_FILES = "skipped_files.txt"
-# A random-init run's starting variables, written once: its frozen groups are constants read from here.
-INITIAL_FILE = "initial_variables.msgpack"
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
 @dataclass
@@ -194,7 +192,10 @@ class Trainer:
                      + (f"{len(self.target.val)} labelled validation images" if self.target_labelled else
                         "its classes differ from the source's: no target accuracy"))
 
-        self._load_weights()
+        start = starting_point(cfg, self.spec, self.source, self.num_classes, self.out,
+                               resume_needs_frozen=self._resume_needs_frozen, log=self.log)
+        self.variables, self.pre, self.model_kwargs = start.variables, start.preprocessing, start.model_kwargs
+        self.origin, self.frozen_ref = start.origin, start.frozen_ref
         self.model = create_model(self.spec.name, self.num_classes, source=self.source, dtype=cfg.dtype,
                                   axis_name=AXIS, **self.model_kwargs)
         if self.objective.extra_keys:  # the objective's own parameters, beside the backbone's
@@ -268,58 +269,6 @@ class Trainer:
         with open(self.out / BAD_FILES, "a") as fh:
             fh.write("".join(line + "\n" for line in lines))
 
-    def _load_weights(self) -> None:
-        """The run's starting variables (``self.variables``), their preprocessing, and ``self.frozen_ref``:
-        the file the frozen groups' constants come from and its sha256, which every checkpoint records
-        (checkpoints hold only what trains, so a resume rebuilds the frozen groups from that file)."""
-        cfg, spec = self.cfg, self.spec
-        self.model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and _has_img_size(spec) else {}
-        self.origin: dict[str, Any] = {}
-        if cfg.weights == "none":
-            written = self.out / INITIAL_FILE
-            if cfg.resume and written.is_file():
-                self.variables = read_variables_file(written)
-            else:
-                model = create_model(spec.name, self.num_classes, source=self.source, **self.model_kwargs)
-                self.variables = jax.device_get(init_variables(model, spec, cfg.seed))
-            pre = spec.preprocessing_for(self.source)
-            self.origin = {"weights": "random init"}
-            self.frozen_ref = {"file": str(written.absolute()), "sha256": None}  # known once written
-        elif cfg.weights_file and Path(cfg.weights_file).is_dir():
-            model_dir = Path(cfg.weights_file)
-            _, variables, meta = load_model(model_dir)
-            if meta["backbone"] != spec.name:
-                raise ConfigError(f"--weights-file {cfg.weights_file} holds a {meta['backbone']}, not {spec.name}")
-            if int(meta["num_classes"]) != self.num_classes:
-                variables = replace_head(variables, spec.head_path, self.num_classes, cfg.seed)
-            self.variables, pre = variables, _preprocessing(meta)
-            self.model_kwargs = {**meta.get("model_kwargs", {}), **self.model_kwargs}
-            self.origin = {"weights": str(cfg.weights_file)}
-            self.frozen_ref = {"file": str((model_dir / "model.msgpack").absolute()),
-                               "sha256": sha256_file(model_dir / "model.msgpack")}
-        elif (cfg.resume and cfg.weights_file and Path(cfg.weights_file).suffix in WEIGHT_FILE_SUFFIXES
-              and not Path(cfg.weights_file).exists() and not self._resume_needs_frozen()):
-            # Every layer the rest of the run uses is in the checkpoint: the starting values are not read.
-            model = create_model(spec.name, self.num_classes, source=self.source, **self.model_kwargs)
-            self.variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_variables(model, spec))
-            pre = spec.preprocessing_for(self.source)
-            self.origin = {"weights": str(cfg.weights_file)}
-            self.frozen_ref = {"file": str(cfg.weights_file), "sha256": None}
-            self.log(f"{cfg.weights_file} is gone; not needed: the checkpoint holds every layer that trains from "
-                     "here on")
-        else:
-            _, variables, info = load_pretrained(spec.name, self.source, tag=cfg.weights_tag,
-                                                 weights_file=cfg.weights_file, allow_download=cfg.allow_download,
-                                                 **self.model_kwargs)
-            # Transfer learning: the head is always new, sized by the data.
-            self.variables = replace_head(variables, spec.head_path, self.num_classes, cfg.seed)
-            pre = info.preprocessing
-            self.origin = info.to_meta()["weights"]
-            self.frozen_ref = {"file": str(Path(info.file).absolute()), "sha256": info.sha256}
-            self.log(f"weights: {spec.name} {info.source} {info.tag or ''} ({Path(info.file).name}, "
-                     f"sha256 {info.sha256[:8]}); new {self.num_classes}-class head")
-        self.pre = pre.at_size(cfg.img_size) if cfg.img_size else pre
-
     def _resume_needs_frozen(self) -> bool:
         """Whether the stages left to a resumed run freeze anything (then the starting values are needed)."""
         record = self.ckpts.record(self.ckpts.latest_step())
@@ -391,26 +340,10 @@ class Trainer:
     # -- feature cache ------------------------------------------------------------------
 
     def _cache_features(self, loader_kw: dict) -> None:
-        """Run the frozen backbone once over train and val (no augmentation)."""
-        model, prepare = self.model, self.prepare_eval
-        features = self.dp.map_batch_fn(
-            lambda v, batch: model.apply(v, prepare(batch["image"]), train=False, features_only=True))
-        variables = self.dp.replicate(self.variables)
-        cached = {}
-        for split, source in (("train", self.data.train), ("val", self.data.val)):
-            t0 = time.perf_counter()
-            loader = Loader(source, self.pre, batch_size=self.eval_batch_size, train=False, **loader_kw)
-            feats, labels, weight = [], [], []
-            for batch in loader.epoch(0):
-                feats.append(self.dp.unshard_per_example(features(variables, batch)))
-                labels.append(self.dp.unshard_per_example(batch["label"]))
-                weight.append(self.dp.unshard_per_example(batch["weight"]))
-            n = len(source)
-            cached[split] = (np.concatenate(feats)[:n].astype(np.float32), np.concatenate(labels)[:n],
-                             np.concatenate(weight)[:n])
-            self._note_bad(loader)
-            self.log(f"cached {split} features: {n} x {cached[split][0].shape[1]} "
-                     f"[{time.perf_counter() - t0:.1f} s, {n / max(time.perf_counter() - t0, 1e-9):.0f} images/s]")
+        """Run the frozen backbone once over train and val (no augmentation); the head trains on the result."""
+        cached = cache_features(self.model, self.prepare_eval, self.dp, self.variables,
+                                {"train": self.data.train, "val": self.data.val}, self.pre, self.eval_batch_size,
+                                loader_kw, log=self.log, note_bad=self._note_bad)
         kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), put=self.dp.put_batch)
         self.train_loader = ArrayLoader(*cached["train"], batch_size=self.cfg.batch_size, train=True,
                                         seed=self.cfg.seed, **kw)
@@ -740,24 +673,6 @@ def _copy(tree: Any) -> Any:
 
 def _count(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _has_img_size(spec: BackboneSpec) -> bool:
-    import inspect
-
-    ctor = spec.constructor
-    target = getattr(ctor, "func", ctor)
-    try:
-        return "img_size" in inspect.signature(target).parameters or any(
-            f.name == "img_size" for f in dataclasses.fields(target))
-    except (TypeError, ValueError):
-        return False
-
-
-def _preprocessing(meta: dict):
-    from jaxtl.data.preprocessing import Preprocessing
-
-    return Preprocessing.from_dict(meta["preprocessing"])
 
 
 def _duration(seconds: float) -> str:
