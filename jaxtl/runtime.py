@@ -94,14 +94,18 @@ def _jaxlib_knows_flag(name: str) -> bool:
     return False
 
 
+def _cpu_conv_flag_wanted() -> bool:
+    """Not opted out of, not chosen by the user, and known to the installed jaxlib."""
+    if os.environ.get(NO_XLA_FLAGS) or YNN_FLAG_NAME in os.environ.get("XLA_FLAGS", ""):
+        return False
+    return _jaxlib_knows_flag(YNN_FLAG_NAME)
+
+
 def add_cpu_conv_flag() -> bool:
     """Add the CPU convolution flag to XLA_FLAGS if it is safe and useful; True if it was added."""
-    current = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get(NO_XLA_FLAGS) or YNN_FLAG_NAME in current or backend_already_started():
+    if backend_already_started() or not _cpu_conv_flag_wanted():
         return False
-    if not _jaxlib_knows_flag(YNN_FLAG_NAME):
-        return False
-    os.environ["XLA_FLAGS"] = (current + " " + CPU_CONV_FLAG).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_CONV_FLAG).strip()
     return True
 
 
@@ -123,11 +127,15 @@ def _glibc():
         return None
 
 
+def _step_memory_wanted() -> bool:
+    """Not opted out of, and neither the dispatch nor glibc's malloc chosen by the user."""
+    return not (os.environ.get(NO_MALLOC_TUNING) or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ
+                or _user_chose_malloc_settings())
+
+
 def keep_step_memory() -> bool:
     """Synchronous CPU dispatch plus a glibc heap that keeps large blocks; True when both were applied."""
-    if os.environ.get(NO_MALLOC_TUNING):
-        return False
-    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ or _user_chose_malloc_settings():
+    if not _step_memory_wanted():
         return False
     if backend_already_started():
         return False  # the CPU client exists: the dispatch setting would not apply to it
@@ -177,11 +185,9 @@ def _missed_cpu_settings() -> list[str]:
     if jax.default_backend() != "cpu":
         return []
     missed = []
-    flags = os.environ.get("XLA_FLAGS", "")
-    if not os.environ.get(NO_XLA_FLAGS) and YNN_FLAG_NAME not in flags and _jaxlib_knows_flag(YNN_FLAG_NAME):
+    if _cpu_conv_flag_wanted():
         missed.append("the CPU convolution flag")
-    if not (os.environ.get(NO_MALLOC_TUNING) or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ
-            or _user_chose_malloc_settings()) and jax.config.read("jax_cpu_enable_async_dispatch"):
+    if _step_memory_wanted() and jax.config.read("jax_cpu_enable_async_dispatch"):
         missed.append("the step-memory settings")
     return missed
 

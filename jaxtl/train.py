@@ -172,7 +172,7 @@ def config_from_args(args: argparse.Namespace):
 
     from jaxtl.optim import OptimConfig
     from jaxtl.strategies import Strategy
-    from jaxtl.training.config import CONFIG_FILE, TrainConfig
+    from jaxtl.training.config import CONFIG_FILE, TrainConfig, strategy_and_objective
 
     given = vars(args).copy()
     given.pop("debug", None)
@@ -215,8 +215,7 @@ def config_from_args(args: argparse.Namespace):
                 raise ConfigError(f"--milestones: expected epochs like 30,60, got {v!r}") from None
         else:
             top[k] = v
-    if strategy_kw["kind"] == "dann":  # --strategy dann: finetune's groups with the adversarial objective
-        strategy_kw["kind"], top["objective"] = "finetune", "dann"
+    strategy_kw, top["objective"] = strategy_and_objective(strategy_kw, top["objective"])
     return TrainConfig(strategy=Strategy(**strategy_kw), optim=OptimConfig(**optim_kw), **top)
 
 

@@ -26,6 +26,7 @@ from jax import lax
 
 from jaxtl import ops
 from jaxtl.ops import multi_head_attention  # noqa: F401  (the families' attention)
+from jaxtl.ops.conv import pad_same_symmetric
 from jaxtl.errors import ConfigError
 
 Dtype = Any
@@ -108,11 +109,6 @@ class BatchNorm(nn.Module):
         mul = scale * lax.rsqrt(var + self.epsilon)
         add = bias - mean * mul
         return (x * mul.astype(dtype) + add.astype(dtype)).astype(dtype)
-
-
-def pad_same_symmetric(kernel_size: int, dilation: int = 1) -> int:
-    """PyTorch's usual ``padding=(k - 1) // 2 * dilation``."""
-    return (kernel_size - 1) // 2 * dilation
 
 
 class Conv2d(nn.Module):

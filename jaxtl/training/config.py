@@ -25,6 +25,14 @@ OBJECTIVES = ("classification", "dann")
 DANN = "dann"
 
 
+def strategy_and_objective(strategy_kw: dict, objective: str) -> tuple[dict, str]:
+    """``--strategy dann`` (and config.json written when dann was a strategy kind) is finetune's
+    groups with DANN's objective; every other strategy keeps the objective given."""
+    if strategy_kw.get("kind") == DANN:
+        return {**strategy_kw, "kind": "finetune"}, DANN
+    return strategy_kw, objective
+
+
 @dataclass
 class TrainConfig:
     backbone: str = "mobilenet_v2"
@@ -69,10 +77,9 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
 
     def __post_init__(self):
-        if self.strategy == DANN:  # the command line's --strategy dann: finetune's groups, DANN's objective
-            self.strategy, self.objective = Strategy("finetune"), DANN
         if isinstance(self.strategy, str):
-            self.strategy = Strategy(self.strategy)
+            kw, self.objective = strategy_and_objective({"kind": self.strategy}, self.objective)
+            self.strategy = Strategy(**kw)
         if not isinstance(self.strategy, Strategy):
             raise ConfigError(f"strategy must be a strategy name or a jaxtl.Strategy, got {type(self.strategy).__name__}")
         if not isinstance(self.optim, OptimConfig):
@@ -108,8 +115,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         s = dict(d.pop("strategy"))
-        if s.get("kind") == DANN:  # written before the objective was an option of its own
-            s["kind"], d["objective"] = "finetune", DANN
+        s, d["objective"] = strategy_and_objective(s, d.get("objective", "classification"))
         s["unfreeze_at"] = tuple(tuple(x) for x in s.get("unfreeze_at", ()))
         o = dict(d.pop("optim"))
         for k in ("betas", "milestones"):

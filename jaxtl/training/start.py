@@ -58,7 +58,7 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
             raise ConfigError(f"--weights-file {cfg.weights_file} holds a {meta['backbone']}, not {spec.name}")
         if int(meta["num_classes"]) != num_classes:
             variables = replace_head(variables, spec.head_path, num_classes, cfg.seed)
-        pre = _preprocessing(meta)
+        pre = Preprocessing.from_dict(meta["preprocessing"])
         model_kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
         origin = {"weights": str(cfg.weights_file)}
         frozen_ref = {"file": str((model_dir / "model.msgpack").absolute()),
@@ -97,9 +97,3 @@ def _has_img_size(spec: BackboneSpec) -> bool:
             f.name == "img_size" for f in dataclasses.fields(target))
     except (TypeError, ValueError):
         return False
-
-
-def _preprocessing(meta: dict):
-    from jaxtl.data.preprocessing import Preprocessing
-
-    return Preprocessing.from_dict(meta["preprocessing"])
