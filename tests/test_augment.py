@@ -51,6 +51,28 @@ def test_train_augment_shape_dtype_range_and_determinism():
     assert pixels.min() >= -1e-3 and pixels.max() <= 255 + 1e-3
 
 
+def test_train_augment_draws_each_image_from_its_own_key():
+    # The train step's keys (one per image, from its position in the global batch): an image
+    # comes out the same alone as in a batch, whatever the other images and their keys.
+    from jaxtl.models.layers import example_keys
+    from jaxtl.rng import make_key
+
+    fn = _jitted_train_augment()
+    images = _uint8_batch(n=6)
+    keys = example_keys(make_key(0), 6)
+    batch = np.asarray(fn(keys, images))
+    others = np.asarray(fn(jnp.concatenate([keys[:2], example_keys(make_key(1), 4)]),
+                           np.concatenate([images[:2], _uint8_batch(n=4, seed=1)])))
+    np.testing.assert_allclose(others[:2], batch[:2], atol=1e-5)
+    for i in (0, 3, 5):
+        np.testing.assert_allclose(np.asarray(fn(keys[i:i + 1], images[i:i + 1]))[0], batch[i], atol=1e-5)
+    # Distinct keys, distinct augmentations of one image.
+    same_image = np.asarray(fn(keys, np.repeat(images[:1], 6, axis=0)))
+    assert len({np.round(x, 3).tobytes() for x in same_image}) == 6
+    with pytest.raises(ValueError, match="one key per image"):
+        fn(keys[:5], images)
+
+
 def test_train_augment_identity_settings_is_resize_and_normalise():
     # Full-image crop of a resize_size square, no flip, no jitter: a plain resize.
     images = _uint8_batch(n=2)

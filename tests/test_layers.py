@@ -1,6 +1,9 @@
-"""Shared layers: the tiny-map convolution path, max pooling, BatchNorm's PyTorch semantics and LayerNorm's backward."""
+"""Shared layers: the tiny-map convolution path, max pooling, BatchNorm's PyTorch semantics, LayerNorm's backward
+and the per-example dropout masks."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +317,96 @@ def test_param_helper_initialises_like_flax_and_checks_shapes_without_tracing_th
     assert traced == [(3, 2)]               # only Flax's own param traced the initialiser again
     with pytest.raises(flax_errors.ScopeParamShapeError, match=r'"w".*\(3, 2\).*\(4, 2\)'):
         Ours().apply({"params": {"w": jnp.ones((4, 2))}}, x)
+
+
+# --------------------------------------------------------------------------- per-example randomness
+
+
+def test_dropout_has_flax_semantics():
+    from jaxtl.models.layers import Dropout
+    from jaxtl.rng import make_key
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 7, 5)), jnp.float32)
+    rngs = {"dropout": make_key(3)}
+    np.testing.assert_array_equal(Dropout(0.3).apply({}, x, deterministic=True), x)
+    np.testing.assert_array_equal(Dropout(0.0).apply({}, x, deterministic=False), x)  # no rng needed
+    np.testing.assert_array_equal(Dropout(1.0, deterministic=False).apply({}, x, rngs=rngs), jnp.zeros_like(x))
+    out = np.asarray(Dropout(0.3).apply({}, x, deterministic=False, rngs=rngs))
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.7, rtol=1e-6)
+    assert abs(1.0 - kept.mean() - 0.3) < 0.03  # 2240 draws: one sigma is 0.01
+    assert len({row.tobytes() for row in kept}) == 64  # every example its own mask
+    with pytest.raises(Exception, match="dropout"):
+        Dropout(0.3).apply({}, x, deterministic=False)
+
+
+@pytest.mark.parametrize("which", ["dropout", "stochastic_depth", "example_keys"])
+def test_draws_on_a_batch_split_in_two_equal_those_on_the_whole_batch(which):
+    # jax.vmap with an axis name stands for a mapped step: each half finds its offset by
+    # lax.axis_index, so half h's example i draws as example h * 4 + i of the whole batch.
+    from jaxtl.models.layers import Dropout, example_keys, stochastic_depth
+    from jaxtl.rng import make_key
+
+    class DropPath(nn.Module):
+        axis_name: str | None = None
+
+        @nn.compact
+        def __call__(self, x):
+            return stochastic_depth(self, x, 0.5, False, self.axis_name)
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 6, 5)), jnp.float32)
+    key = make_key(1)
+    if which == "example_keys":
+        def draw(x, axis_name=None):
+            return jax.random.key_data(example_keys(key, x.shape[0], axis_name))
+    else:
+        module = partial(Dropout, 0.5, deterministic=False) if which == "dropout" else DropPath
+
+        def draw(x, axis_name=None):
+            return module(axis_name=axis_name).apply({}, x, rngs={"dropout": key})
+    whole = np.asarray(draw(x))
+    halves = np.asarray(jax.vmap(partial(draw, axis_name="data"), axis_name="data")(x.reshape(2, 4, 6, 5)))
+    np.testing.assert_array_equal(halves.reshape(whole.shape), whole)
+    # Without the axis each half would start at position 0: the test can tell.
+    unplaced = np.asarray(jax.vmap(draw)(x.reshape(2, 4, 6, 5))).reshape(whole.shape)
+    assert not np.array_equal(unplaced, whole)
+
+
+def test_per_example_draws_do_not_depend_on_the_device_count():
+    # Real mappings on 4 host devices against one: the same keys, dropout masks and augmentation.
+    import subprocess
+    import sys
+
+    code = r"""
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import functools, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxtl.data.augment import train_augment
+from jaxtl.data.preprocessing import Preprocessing
+from jaxtl.models.layers import Dropout, example_keys
+from jaxtl.rng import make_key
+assert jax.device_count() == 4
+key = make_key(7)
+images = np.random.default_rng(0).integers(0, 256, (8, 40, 40, 3), dtype=np.uint8)
+augment = functools.partial(train_augment, pre=Preprocessing(input_size=32, resize_size=40), jitter=(0.4, 0.4, 0.4, 0.1))
+def per_device(x):
+    n = x.shape[0]
+    keys = jax.random.key_data(example_keys(key, n, "data"))
+    y = augment(example_keys(key, n, "data"), x)
+    return keys, y, Dropout(0.5, deterministic=False, axis_name="data").apply({}, y, rngs={"dropout": key})
+def run(devices):
+    mesh = Mesh(np.array(devices), ("data",))
+    return jax.device_get(jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                                                check_vma=False))(images))
+one, four = run(jax.devices()[:1]), run(jax.devices())
+pmapped = jax.device_get(jax.pmap(per_device, axis_name="data")(images.reshape(4, 2, 40, 40, 3)))
+for name, a, b, c in zip(("keys", "augmented", "dropout"), one, four, pmapped):
+    print(name, float(np.abs(a - b).max()), float(np.abs(a - c.reshape(a.shape)).max()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = {name: (float(a), float(b)) for name, a, b in (line.split() for line in r.stdout.strip().splitlines())}
+    assert diffs["keys"] == (0.0, 0.0), diffs
+    # The same draws; the pixel arithmetic of a batch of 2 or 8 may round differently.
+    assert max(diffs["augmented"]) < 1e-5 and max(diffs["dropout"]) < 1e-4, diffs

@@ -19,10 +19,13 @@ def test_four_devices_match_one_device():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(result)
     assert result["changed"] > 1e-3  # the steps really trained
-    # Rounding moves these by 1e-6 to 6e-6 (the trajectory's largest leaf-relative difference) on the
-    # CPUs tried; a device-split bug by O(1). The trajectory bound leaves room for rounding on others.
+    # With augmentation, dropout and stochastic depth on (EfficientNet-B0, see the helper) rounding
+    # moved the parameters by 3.7e-5 of their movement over the trajectory and by 2.3e-5 of one
+    # step's update, the losses by 1.6e-6, on the CPU tried; a draw that depends on the device by
+    # O(1) (every device's examples drawn as positions 0, 1, ...: 1.1).
     for mapping in ("shard_map_4", "pmap_4"):
-        assert result[mapping]["trajectory"]["max_rel"] <= 1e-4, result
+        assert result[mapping]["trajectory"]["params_rel"] <= 1e-4, result
+        assert result[mapping]["trajectory"]["stats_rel"] <= 1e-4, result
         assert result[mapping]["trajectory"]["loss_rel"] <= 1e-5, result
         assert result[mapping]["one_step"]["params_update_rel"] <= 1e-4, result
         assert result[mapping]["one_step"]["stats_update_rel"] <= 1e-4, result

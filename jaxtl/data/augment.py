@@ -1,8 +1,15 @@
-"""On-device training augmentation: pure, jittable functions of (rng key, batch).
+"""On-device training augmentation: pure, jittable functions of (rng keys, batch).
 
 The host ships uint8 NHWC batches that are already resized (shorter side ->
 ``resize_size``) and center-cropped to a square; everything random happens
-here, on the device, so a given key always produces the same batch.
+here, on the device, so given keys always produce the same batch.
+
+Every random function takes either one key per image (a key array of shape
+(N,)) or a single key, which it splits into one per image. Image i's random
+values come from its own key only, so an image is augmented the same way
+whichever batch it is in: the train step passes keys folded with each
+image's position in the global batch (``jaxtl.models.layers.example_keys``),
+and the result does not depend on how many devices share the batch.
 
 The semantics follow torchvision's tensor transforms:
 
@@ -34,6 +41,7 @@ import jax.numpy as jnp
 
 from jaxtl.data.transforms import normalize
 from jaxtl.data.preprocessing import Preprocessing
+from jaxtl.rng import independent_keys
 
 Range = Union[float, Sequence[float]]
 
@@ -42,6 +50,42 @@ Range = Union[float, Sequence[float]]
 _LUMA = (0.299, 0.587, 0.114)
 _MAX_ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries 10 crops
 _HIGHEST = jax.lax.Precision.HIGHEST  # resampling must not drop to bf16/tf32 matmuls
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def image_keys(key, n: int):
+    """One key per image, shape (n,): ``key`` itself when it is already that, else ``key`` split
+    into n. Returned as :func:`jaxtl.rng.independent_keys`, ready to ``jax.vmap`` draws over."""
+    key = jnp.asarray(key)
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # raw uint32 key data (jax.random.PRNGKey)
+    if key.ndim == 0:
+        key = jax.random.split(key, n)
+    elif key.shape != (n,):
+        raise ValueError(f"expected one key or one key per image ({n}), got keys of shape {key.shape}")
+    return independent_keys(key)
+
+
+def _uniform_per_image(key, n: int, count: int):
+    """(n, count) float32 uniforms in [0, 1); row i drawn from image i's key alone.
+
+    Each op draws all its numbers at once: every draw is a hash that XLA
+    compiles on its own, and the compile time grows with their number.
+    """
+    return jax.vmap(lambda k: jax.random.uniform(k, (count,), jnp.float32))(image_keys(key, n))
+
+
+def _scaled(u, lo, hi):
+    """u uniform in [0, 1) -> uniform in [lo, hi) (as ``jax.random.uniform(minval, maxval)``)."""
+    return jnp.maximum(lo, u * (hi - lo) + lo)
+
+
+def _split_each(keys, num: int):
+    """Each image's key split into ``num``: a tuple of ``num`` key arrays of shape (n,)."""
+    parts = jax.vmap(lambda k: jax.random.split(k, num))(keys)
+    return tuple(parts[:, i] for i in range(num))
 
 
 # --------------------------------------------------------------------------- crop
@@ -82,10 +126,11 @@ def random_resized_crop_params(key, batch: int, height: int, width: int,
                                scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """Per-image crop boxes ``(top, left, h, w)``, each an int32 array of shape (batch,).
 
-    Same distribution as torchvision's ``RandomResizedCrop.get_params``: up to
-    10 attempts with an area fraction uniform in ``scale`` and an aspect ratio
-    log-uniform in ``ratio``; the first crop that fits is placed uniformly; if
-    none fits, a center crop clamped to the ratio range.
+    ``key``: one key per image, or one key for the batch. Same distribution as
+    torchvision's ``RandomResizedCrop.get_params``: up to 10 attempts with an
+    area fraction uniform in ``scale`` and an aspect ratio log-uniform in
+    ``ratio``; the first crop that fits is placed uniformly; if none fits, a
+    center crop clamped to the ratio range.
     """
     return _crop_params(key, int(batch), int(height), int(width), _check_range("scale", scale),
                         _check_range("ratio", ratio))
@@ -93,14 +138,13 @@ def random_resized_crop_params(key, batch: int, height: int, width: int,
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _crop_params(key, batch, height, width, scale, ratio):
-    # All 10 attempts of every image are drawn at once and the first that fits
+    # All 10 attempts of an image are drawn at once and the first that fits
     # is kept: the same distribution as torchvision's sequential loop, without
-    # a per-image key (which costs far more to compile than it is worth).
-    k_area, k_ratio, k_place = jax.random.split(key, 3)
-    attempts = (batch, _MAX_ATTEMPTS)
-    target_area = float(height * width) * jax.random.uniform(k_area, attempts, jnp.float32, *scale)
-    log_ratio = jax.random.uniform(k_ratio, attempts, jnp.float32, math.log(ratio[0]), math.log(ratio[1]))
-    aspect = jnp.exp(log_ratio)
+    # a data-dependent loop. 10 areas, 10 ratios and the placement: one draw.
+    u = _uniform_per_image(key, batch, 2 * _MAX_ATTEMPTS + 2)
+    u_area, u_ratio, u_place = u[:, :_MAX_ATTEMPTS], u[:, _MAX_ATTEMPTS:2 * _MAX_ATTEMPTS], u[:, 2 * _MAX_ATTEMPTS:]
+    target_area = float(height * width) * _scaled(u_area, *scale)
+    aspect = jnp.exp(_scaled(u_ratio, math.log(ratio[0]), math.log(ratio[1])))
     # jnp.round rounds half to even, like Python's round() in torchvision.
     ws = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
     hs = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
@@ -111,7 +155,7 @@ def _crop_params(key, batch, height, width, scale, ratio):
     fb_top, fb_left, fb_h, fb_w = _fallback_crop(height, width, ratio)
     h = jnp.where(found, jnp.take_along_axis(hs, first, axis=1)[:, 0], fb_h)
     w = jnp.where(found, jnp.take_along_axis(ws, first, axis=1)[:, 0], fb_w)
-    u_top, u_left = jax.random.uniform(k_place, (2, batch), jnp.float32)
+    u_top, u_left = u_place[:, 0], u_place[:, 1]
     top = jnp.where(found, _uniform_index(u_top, height - h + 1), fb_top)
     left = jnp.where(found, _uniform_index(u_left, width - w + 1), fb_left)
     return top, left, h, w
@@ -161,6 +205,7 @@ def resized_crop(images, top, left, h, w, out_size: int):
 def random_resized_crop(key, images, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision ``RandomResizedCrop(out_size, scale, ratio, antialias=True)`` per image.
 
+    ``key``: one key per image, or one key for the batch.
     ``images``: NHWC uint8 or float in [0, 255]. Returns float32 NHWC in
     [0, 255] (the filter weights are non-negative and sum to 1, so no clamping
     is needed) at out_size x out_size.
@@ -176,9 +221,12 @@ def random_resized_crop(key, images, out_size: int, scale=(0.08, 1.0), ratio=(3 
 
 @functools.partial(jax.jit, static_argnames=("p",))
 def random_horizontal_flip(key, images, p: float = 0.5):
-    """Mirror each image left-right with probability ``p`` (NHWC, dtype kept)."""
+    """Mirror each image left-right with probability ``p`` (NHWC, dtype kept).
+
+    ``key``: one key per image, or one key for the batch.
+    """
     images = jnp.asarray(images)
-    flip = jax.random.bernoulli(key, p, (images.shape[0],))
+    flip = _uniform_per_image(key, images.shape[0], 1)[:, 0] < p
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
@@ -297,10 +345,11 @@ def color_jitter(key, images, brightness: Range = 0.0, contrast: Range = 0.0,
                  saturation: Range = 0.0, hue: Range = 0.0, random_order: bool = True):
     """torchvision ``ColorJitter`` per image on float RGB NHWC in [0, 255].
 
-    Each of ``brightness``, ``contrast``, ``saturation`` is a number b (factor
-    uniform in [max(0, 1 - b), 1 + b]) or a (min, max) range; ``hue`` is a
-    number h <= 0.5 (shift uniform in [-h, h]) or a range within [-0.5, 0.5].
-    Ops left at 0 are skipped. Every image draws its own factors and, with
+    ``key``: one key per image, or one key for the batch. Each of
+    ``brightness``, ``contrast``, ``saturation`` is a number b (factor uniform
+    in [max(0, 1 - b), 1 + b]) or a (min, max) range; ``hue`` is a number
+    h <= 0.5 (shift uniform in [-h, h]) or a range within [-0.5, 0.5]. Ops
+    left at 0 are skipped. Every image draws its own factors and, with
     ``random_order`` (torchvision's behaviour), its own order of the active
     ops; under vmap each step then evaluates every active op and selects one,
     so ``random_order=False`` (always brightness, contrast, saturation, hue)
@@ -324,9 +373,8 @@ def _color_jitter(key, images, ranges, random_order):
     ops = [_COLOR_OPS[i] for i in active]
     lo = jnp.asarray([ranges[i][0] for i in active], jnp.float32)
     hi = jnp.asarray([ranges[i][1] for i in active], jnp.float32)
-    n = images.shape[0]
-    k_factor, k_order = jax.random.split(key)
-    factors = jax.random.uniform(k_factor, (n, len(ops)), jnp.float32, lo, hi)
+    u = _uniform_per_image(key, images.shape[0], 2 * len(ops))
+    factors = _scaled(u[:, :len(ops)], lo, hi)
 
     if not random_order or len(ops) == 1:
         def one(image, f):
@@ -336,7 +384,7 @@ def _color_jitter(key, images, ranges, random_order):
         return jax.vmap(one)(images, factors)
 
     # Ranking i.i.d. uniforms gives a uniformly random permutation per image.
-    orders = jnp.argsort(jax.random.uniform(k_order, (n, len(ops))), axis=1)
+    orders = jnp.argsort(u[:, len(ops):], axis=1)
     branches = [lambda image, f, j=j: ops[j](image, f[j]) for j in range(len(ops))]
 
     def one_ordered(image, f, order):
@@ -358,10 +406,12 @@ def train_augment(key, images_uint8, pre: Preprocessing, *, hflip: bool = True,
     ``images_uint8``: NHWC from the host (resized and center-cropped to
     ``pre.resize_size``). Returns float32 NHWC at ``pre.input_size``,
     normalised with ``pre.mean`` / ``pre.std``. ``jitter`` is (brightness,
-    contrast, saturation, hue) as in :func:`color_jitter`. Bind everything but
-    ``key`` and ``images`` with ``functools.partial`` before jitting.
+    contrast, saturation, hue) as in :func:`color_jitter`. ``key``: one key
+    per image (each image's crop, flip and jitter come from its own key), or
+    one key for the batch. Bind everything but ``key`` and ``images`` with
+    ``functools.partial`` before jitting.
     """
-    k_crop, k_flip, k_jitter = jax.random.split(key, 3)
+    k_crop, k_flip, k_jitter = _split_each(image_keys(key, images_uint8.shape[0]), 3)
     x = random_resized_crop(k_crop, images_uint8, pre.input_size, scale, ratio)
     if hflip:
         x = random_horizontal_flip(k_flip, x)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from jaxtl.models.layers import (DepthwiseConv, check_rates, conv, dense, gelu_exact, global_avg_pool,
+from jaxtl.models.layers import (DepthwiseConv, Dropout, check_rates, conv, dense, gelu_exact, global_avg_pool,
                                  inference_mode, param, stochastic_depth)
 from jaxtl.registry import (
     BackboneSpec,
@@ -77,6 +77,7 @@ class ConvNeXtBlock(nn.Module):
     layer_scale_init: float = 1e-6
     dtype: Any = jnp.float32
     depthwise_impl: str | None = None
+    axis_name: str | None = None   # the axis a train step is mapped over: drop-path masks per global example
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
@@ -88,7 +89,7 @@ class ConvNeXtBlock(nn.Module):
         y = dense(channels, dtype=self.dtype, name="fc2")(y)
         gamma = param(self, "layer_scale", nn.initializers.constant(self.layer_scale_init), (channels,), jnp.float32)
         y = y * gamma.astype(y.dtype)
-        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
+        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
 
 
 class ConvNeXt(nn.Module):
@@ -99,7 +100,9 @@ class ConvNeXt(nn.Module):
     the classifier (``drop_rate``), both drawing from the ``'dropout'`` rng
     and both off in groups named in ``frozen``. ``features_only=True``
     returns the pooled, normalised features the classifier sees.
-    ``axis_name`` is accepted for a uniform interface and ignored.
+    ``axis_name`` is the axis a train step is mapped over: there is no
+    BatchNorm to synchronise, but stochastic depth and dropout draw each
+    example's mask from its position in the global batch.
     """
 
     depths: Sequence[int] = (3, 3, 9, 3)
@@ -131,14 +134,14 @@ class ConvNeXt(nn.Module):
                 x = norm(name=f"{group}_downsample_norm")(x)
                 x = conv(width, 2, 2, 0, use_bias=True, dtype=self.dtype, name=f"{group}_downsample_conv")(x)
             for j in range(depth):
-                x = ConvNeXtBlock(next(rates), self.layer_scale_init, self.dtype, self.depthwise_impl,
+                x = ConvNeXtBlock(next(rates), self.layer_scale_init, self.dtype, self.depthwise_impl, self.axis_name,
                                   name=f"{group}_{j}")(x, inference_mode(train, group, frozen))
         x = global_avg_pool(x)
         x = norm(name="head_norm")(x)
         if features_only:
             return x.astype(jnp.float32)
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=inference_mode(train, "head", frozen))(x)
+            x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, inference_mode(train, "head", frozen))
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

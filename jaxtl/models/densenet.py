@@ -29,7 +29,7 @@ import flax.linen as nn
 import numpy as np
 
 from jaxtl.errors import ConfigError, ConversionError
-from jaxtl.models.layers import BatchNorm, conv, dense, global_avg_pool, max_pool, inference_mode
+from jaxtl.models.layers import BatchNorm, Dropout, conv, dense, global_avg_pool, max_pool, inference_mode
 from jaxtl.registry import (
     BackboneSpec,
     FlaxPath,
@@ -78,6 +78,7 @@ class DenseLayer(nn.Module):
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
     norm: Any = BatchNorm
+    axis_name: str | None = None   # the axis a train step is mapped over: dropout masks per global example
 
     @nn.compact
     def __call__(self, x, use_running_average: bool, deterministic: bool):
@@ -86,7 +87,7 @@ class DenseLayer(nn.Module):
         y = nn.relu(self.norm(name="norm2")(y, use_running_average))
         y = conv(self.growth_rate, 3, 1, 1, dtype=self.dtype, name="conv2")(y)
         if self.drop_rate > 0:
-            y = nn.Dropout(self.drop_rate, deterministic=deterministic)(y)
+            y = Dropout(self.drop_rate, axis_name=self.axis_name)(y, deterministic)
         return y
 
 
@@ -97,11 +98,12 @@ class DenseBlock(nn.Module):
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
     norm: Any = BatchNorm
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, use_running_average: bool, deterministic: bool):
         for i in range(self.n_layers):
-            new = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.dtype, self.norm,
+            new = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.dtype, self.norm, self.axis_name,
                              name=f"denselayer{i + 1}")(x, use_running_average, deterministic)
             # Channel order as torch.cat([input, layer1, layer2, ...], dim=1).
             x = jnp.concatenate([x, new], axis=-1)
@@ -146,7 +148,7 @@ class DenseNet(nn.Module):
     bn_momentum: float = 0.9       # PyTorch momentum 0.1
     drop_rate: float = 0.0
     layer_drop_rate: float = 0.0
-    axis_name: str | None = None   # synchronise BatchNorm statistics across devices
+    axis_name: str | None = None   # synchronise BatchNorm statistics; dropout masks per global example
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
@@ -168,7 +170,7 @@ class DenseNet(nn.Module):
             group = f"block{i + 1}"
             use_running = inference_mode(train, group, frozen)
             x = DenseBlock(n_layers, self.growth_rate, self.bn_size, self.layer_drop_rate, self.dtype, norm,
-                           name=f"denseblock{i + 1}")(x, use_running, not train or group in frozen)
+                           self.axis_name, name=f"denseblock{i + 1}")(x, use_running, not train or group in frozen)
             features += n_layers * self.growth_rate
             if i < len(self.block_sizes) - 1:
                 # The transition after a block belongs to that block's group.
@@ -180,7 +182,7 @@ class DenseNet(nn.Module):
         if features_only:
             return x
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=not train or "head" in frozen)(x)
+            x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, not train or "head" in frozen)
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

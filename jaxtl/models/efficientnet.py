@@ -40,6 +40,7 @@ import flax.linen as nn
 from jaxtl.models.layers import (
     BatchNorm,
     DepthwiseConv,
+    Dropout,
     check_rates,
     conv,
     dense,
@@ -156,6 +157,7 @@ class MBConv(nn.Module):
     dtype: Any = jnp.float32
     norm: Any = BatchNorm
     depthwise_impl: str | None = None
+    axis_name: str | None = None   # the axis a train step is mapped over: drop-path masks per global example
 
     @nn.compact
     def __call__(self, x, use_running_average: bool, deterministic: bool):
@@ -172,7 +174,7 @@ class MBConv(nn.Module):
         y = self.norm(name="project_bn")(y, use_running_average)  # linear bottleneck: no activation
         if not cfg.residual:
             return y
-        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
+        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
 
 
 class EfficientNet(nn.Module):
@@ -185,7 +187,8 @@ class EfficientNet(nn.Module):
     ``drop_path_rate * i / n``) and the dropout before the classifier
     (``drop_rate``) need the ``'dropout'`` rng when active. ``features_only=True`` returns the pooled
     features the classifier sees (before dropout). ``axis_name`` synchronises
-    BatchNorm statistics across devices.
+    BatchNorm statistics across devices and places each example in the global
+    batch, from which its stochastic-depth and dropout masks are drawn.
     """
 
     width_mult: float = 1.0
@@ -216,15 +219,16 @@ class EfficientNet(nn.Module):
         for s, stage in enumerate(arch.stages):
             group = f"stage{s + 1}"
             for j, cfg in enumerate(stage):
-                x = MBConv(cfg, next(rates), self.dtype, norm, self.depthwise_impl, name=f"{group}_{j}")(
-                    x, inference_mode(train, group, frozen), inference_mode(train, group, frozen))
+                block = MBConv(cfg, next(rates), self.dtype, norm, self.depthwise_impl, self.axis_name,
+                               name=f"{group}_{j}")
+                x = block(x, inference_mode(train, group, frozen), inference_mode(train, group, frozen))
         x = conv(arch.head_features, 1, dtype=self.dtype, name="head_conv")(x)
         x = nn.silu(norm(name="head_bn")(x, inference_mode(train, "head_conv", frozen)))
         x = global_avg_pool(x)
         if features_only:
             return x
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=inference_mode(train, "head", frozen))(x)
+            x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, inference_mode(train, "head", frozen))
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

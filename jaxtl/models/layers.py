@@ -9,6 +9,11 @@ must give torchvision's/timm's logits to float32 rounding:
 * :func:`conv` pads explicitly and symmetrically like ``nn.Conv2d(padding=p)``;
   ``'SAME'`` pads asymmetrically on strided layers and would diverge.
 
+Randomness is drawn per example (:func:`example_keys`): :class:`Dropout` and
+:func:`stochastic_depth` draw example i's mask from the ``'dropout'`` key
+folded with i's position in the global batch, so a step mapped over several
+devices draws the masks one device would.
+
 The modules hold the parameters; the arithmetic of convolution, pooling,
 LayerNorm and attention is in :mod:`jaxtl.ops`, with its reference and fast paths.
 """
@@ -28,6 +33,7 @@ from jaxtl import ops
 from jaxtl.ops import multi_head_attention  # noqa: F401  (the families' attention)
 from jaxtl.ops.conv import pad_same_symmetric
 from jaxtl.errors import ConfigError
+from jaxtl.rng import independent_keys
 
 Dtype = Any
 
@@ -247,16 +253,68 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded
 
 
-def stochastic_depth(module: nn.Module, x, rate: float, deterministic: bool):
+def example_keys(key: jax.Array, batch_size: int, axis_name: str | None = None) -> jax.Array:
+    """One key per example, shape ``(batch_size,)``: ``fold_in(key, p)`` for ``p`` the example's
+    position in the global batch.
+
+    Under a mapping over ``axis_name`` every device holds ``batch_size`` consecutive examples of
+    the global batch, device d the positions [d * batch_size, (d + 1) * batch_size); without an
+    axis the positions start at 0. An example's draws then depend on ``key`` and its position
+    only, not on how many devices share the batch. The keys draw independently of each other
+    under ``jax.vmap`` (:func:`jaxtl.rng.independent_keys`).
+    """
+    offset = lax.axis_index(axis_name) * batch_size if axis_name else 0
+    positions = offset + jnp.arange(batch_size, dtype=jnp.int32)
+    return independent_keys(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, positions))
+
+
+def example_bernoulli(key: jax.Array, p: float, shape: Sequence[int], axis_name: str | None = None) -> jax.Array:
+    """Boolean draws of ``shape``, True with probability ``p``; row i (axis 0 is the batch) is
+    drawn from example i's key (:func:`example_keys`)."""
+    keys = example_keys(key, shape[0], axis_name)
+    return jax.vmap(lambda k: jax.random.bernoulli(k, p, tuple(shape[1:])))(keys)
+
+
+class Dropout(nn.Module):
+    """``flax.linen.Dropout`` with its mask drawn per example.
+
+    Zeroes each input with probability ``rate`` and scales the kept ones by
+    1 / (1 - rate) (``rate`` 1: all zeros); off when ``deterministic`` (given
+    here or to the call) or at rate 0. Axis 0 is the batch: example i's mask
+    comes from ``make_rng(rng_collection)`` folded with i's position in the
+    global batch (:func:`example_keys`; ``axis_name`` is the axis the step is
+    mapped over, to find that position), so the masks do not depend on how
+    many devices share the batch.
+    """
+
+    rate: float
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep = 1.0 - self.rate
+        mask = example_bernoulli(self.make_rng(self.rng_collection), keep, inputs.shape, self.axis_name)
+        return lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
+def stochastic_depth(module: nn.Module, x, rate: float, deterministic: bool, axis_name: str | None = None):
     """Drop the whole residual branch of random samples, rescale the kept ones by
     1 / (1 - rate): torchvision's ``StochasticDepth(rate, "row")`` and timm's
-    ``DropPath``. Draws from the ``'dropout'`` rng stream."""
+    ``DropPath``. Draws from the ``'dropout'`` rng stream, per example as
+    :class:`Dropout` does (``axis_name``: the axis the step is mapped over)."""
     if deterministic or rate == 0.0:
         return x
     keep = 1.0 - rate
     if keep <= 0.0:
         return jnp.zeros_like(x)
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    mask = example_bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1), axis_name)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 

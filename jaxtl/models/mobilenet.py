@@ -31,6 +31,7 @@ import flax.linen as nn
 from jaxtl.models.layers import (
     BatchNorm,
     DepthwiseConv,
+    Dropout,
     conv,
     dense,
     global_avg_pool,
@@ -215,7 +216,7 @@ class MobileNet(nn.Module):
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9       # Flax convention: PyTorch momentum 0.1
     drop_rate: float = 0.2
-    axis_name: str | None = None   # synchronise BatchNorm statistics across devices
+    axis_name: str | None = None   # synchronise BatchNorm statistics; dropout masks per global example
     depthwise_impl: str | None = None  # None: jaxtl.ops.depthwise_impl's default
 
     @nn.compact
@@ -242,7 +243,7 @@ class MobileNet(nn.Module):
         if features_only:
             return x.astype(jnp.float32)
         if self.drop_rate > 0:
-            x = nn.Dropout(self.drop_rate, deterministic=not train or "head" in frozen)(x)
+            x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, not train or "head" in frozen)
         x = dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
         return x.astype(jnp.float32)
 

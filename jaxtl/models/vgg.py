@@ -35,7 +35,7 @@ import flax.linen as nn
 from jax import lax
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import BatchNorm, conv, dense, max_pool, inference_mode
+from jaxtl.models.layers import BatchNorm, Dropout, conv, dense, max_pool, inference_mode
 from jaxtl.registry import BackboneSpec, Preprocessing, SourceSpec, register, standard_key_map, torchvision_weights
 
 # Output channels of the five blocks; the architectures differ only in how
@@ -121,7 +121,7 @@ class VGG(nn.Module):
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9       # PyTorch momentum 0.1
     drop_rate: float = 0.5
-    axis_name: str | None = None   # synchronise BatchNorm statistics across devices
+    axis_name: str | None = None   # synchronise BatchNorm statistics; dropout masks per global example
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: Sequence[str] = (), features_only: bool = False):
@@ -155,11 +155,11 @@ class VGG(nn.Module):
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
         x = nn.relu(dense(HIDDEN_FEATURES, dtype=self.dtype, name="classifier_0")(x))
-        x = nn.Dropout(self.drop_rate, deterministic=not train or "fc" in frozen)(x)
+        x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, not train or "fc" in frozen)
         x = nn.relu(dense(HIDDEN_FEATURES, dtype=self.dtype, name="classifier_3")(x))
         if features_only:
             return x.astype(jnp.float32)
-        x = nn.Dropout(self.drop_rate, deterministic=not train or "head" in frozen)(x)
+        x = Dropout(self.drop_rate, axis_name=self.axis_name)(x, not train or "head" in frozen)
         x = dense(self.num_classes, dtype=self.dtype, name="classifier_6")(x)
         return x.astype(jnp.float32)
 

@@ -29,7 +29,7 @@ import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import (LayerNorm, check_rates, conv, dense, gelu_exact, inference_mode,
+from jaxtl.models.layers import (Dropout, LayerNorm, check_rates, conv, dense, gelu_exact, inference_mode,
                                  multi_head_attention, param, stochastic_depth)
 from jaxtl.registry import (
     IMAGENET_MEAN,
@@ -189,6 +189,7 @@ class SelfAttention(nn.Module):
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
     dtype: Any = jnp.float32
+    axis_name: str | None = None   # the axis a train step is mapped over: dropout masks per global example
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
@@ -203,25 +204,26 @@ class SelfAttention(nn.Module):
         k = heads(proj(name="key")(x))
         v = heads(proj(name="value")(x))
         # Created even when unused: the proj dropout keeps its name (Dropout_1) and its random stream.
-        attn_dropout = nn.Dropout(self.attn_drop_rate)
+        attn_dropout = Dropout(self.attn_drop_rate, axis_name=self.axis_name)
         dropout = partial(attn_dropout, deterministic=False) if self.attn_drop_rate > 0 and not deterministic else None
         y = multi_head_attention(q, k, v, dropout).reshape(batch, tokens, width)
         y = dense(width, dtype=self.dtype, name="proj")(y)
-        return nn.Dropout(self.proj_drop_rate)(y, deterministic=deterministic)
+        return Dropout(self.proj_drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
 
 
 class Mlp(nn.Module):
     hidden: int
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         width = x.shape[-1]
         y = gelu_exact(dense(self.hidden, dtype=self.dtype, name="fc1")(x))
-        y = nn.Dropout(self.drop_rate)(y, deterministic=deterministic)
+        y = Dropout(self.drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
         y = dense(width, dtype=self.dtype, name="fc2")(y)
-        return nn.Dropout(self.drop_rate)(y, deterministic=deterministic)
+        return Dropout(self.drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
 
 
 class EncoderBlock(nn.Module):
@@ -235,16 +237,19 @@ class EncoderBlock(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm1")(x)
         y = SelfAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
-                          proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, name="attn")(y, deterministic)
-        x = x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
+                          proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, axis_name=self.axis_name,
+                          name="attn")(y, deterministic)
+        x = x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm2")(x)
-        y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, dtype=self.dtype, name="mlp")(y, deterministic)
-        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic)
+        y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, dtype=self.dtype, axis_name=self.axis_name,
+                name="mlp")(y, deterministic)
+        return x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
 
 
 class VisionTransformer(nn.Module):
@@ -260,8 +265,9 @@ class VisionTransformer(nn.Module):
     layer groups not named in ``frozen`` (rng stream ``"dropout"``).
 
     ``features_only=True`` returns the class token after the final norm (the
-    head's input). ``axis_name`` is accepted for a uniform interface and
-    ignored: there is no BatchNorm.
+    head's input). ``axis_name`` is the axis a train step is mapped over:
+    there is no BatchNorm to synchronise, but dropout and stochastic depth
+    draw each example's mask from its position in the global batch.
     """
 
     num_classes: int = 1000
@@ -328,7 +334,8 @@ class VisionTransformer(nn.Module):
         # Class token first, then the position embedding over all N + 1 tokens.
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)), x], axis=1)
         x = x + pos_embed.astype(self.dtype)
-        x = nn.Dropout(self.pos_drop_rate)(x, deterministic=inference_mode(train, "embed", frozen))
+        x = Dropout(self.pos_drop_rate, axis_name=self.axis_name)(
+            x, deterministic=inference_mode(train, "embed", frozen))
 
         hidden = int(width * self.mlp_ratio)
         for i in range(self.depth):
@@ -336,13 +343,14 @@ class VisionTransformer(nn.Module):
             block = EncoderBlock(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
                                  ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
                                  attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, dtype=self.dtype,
-                                 name=f"blocks_{i}")
+                                 axis_name=self.axis_name, name=f"blocks_{i}")
             x = block(x, inference_mode(train, f"block{i}", frozen))
         x = _layer_norm(self.ln_epsilon, self.dtype, "norm")(x)
         features = x[:, 0]
         if features_only:
             return features.astype(jnp.float32)
-        features = nn.Dropout(self.drop_rate)(features, deterministic=inference_mode(train, "head", frozen))
+        features = Dropout(self.drop_rate, axis_name=self.axis_name)(
+            features, deterministic=inference_mode(train, "head", frozen))
         return dense(self.num_classes, dtype=self.dtype, name="head")(features).astype(jnp.float32)
 
 

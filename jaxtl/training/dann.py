@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxtl.models.layers import dense
+from jaxtl.models.layers import dense, example_keys
 from jaxtl.training.state import TrainState, merge, select_like
 from jaxtl.training.step import (TRAIN_METRICS, Prepare, apply_gradients, cross_entropy, head_logits, head_params,
                                  step_key)
@@ -72,6 +72,17 @@ def init_domain_classifier(num_features: int, seed: int, hidden: int = 256) -> d
     return DomainClassifier(hidden).init(jax.random.key(seed + 104729), jnp.zeros((1, num_features)))["params"]
 
 
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``[a0, b0, a1, b1, ...]`` from two batches of the same shape."""
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def deinterleave(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The inverse of :func:`interleave`: (the even rows, the odd rows)."""
+    pairs = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
+
+
 def split_params(params: dict) -> tuple[dict, dict]:
     """(model params, domain classifier params)."""
     model = {k: v for k, v in params.items() if k != DOMAIN_KEY}
@@ -94,6 +105,13 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
     digits -> digits-shifted that was worse (target top-1 0.14-0.26 against
     0.25-0.36 over three seeds), because evaluation then normalises both
     domains with running statistics that mix them.
+
+    Each domain's images are augmented by their position in their own global
+    batch. In the shared pass source and target go in interleaved (s0, t0,
+    s1, t1, ...), so that the per-device model batches laid end to end are
+    the one-device model batch: the model's dropout masks, drawn by position,
+    are then those of one device (BatchNorm sums the same examples either way).
+    Source and target batches have the same size.
     """
     frozen = tuple(frozen)
     domain_clf = DomainClassifier(hidden)
@@ -102,11 +120,14 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
         return lax.psum(x, axis_name) if axis_name else x
 
     def step(state: TrainState, frozen_variables: dict, batch: dict):
-        key = step_key(state, axis_name)
+        key = step_key(state)
         k_src, k_tgt, k_drop, k_head = jax.random.split(key, 4)
-        src = prepare(k_src, batch["image"])
-        tgt = prepare(k_tgt, batch["target_image"])
-        n_src = src.shape[0]
+        n_src = batch["image"].shape[0]
+        if batch["target_image"].shape[0] != n_src:
+            raise ValueError(f"DANN needs source and target batches of one size, got {n_src} and "
+                             f"{batch['target_image'].shape[0]}")
+        src = prepare(example_keys(k_src, n_src, axis_name), batch["image"])
+        tgt = prepare(example_keys(k_tgt, n_src, axis_name), batch["target_image"])
         labels, w_src = batch["label"], batch["weight"].astype(jnp.float32)
         w_tgt = batch["target_weight"].astype(jnp.float32)
         total_src = jnp.maximum(_psum(jnp.sum(w_src)), 1.0)
@@ -125,10 +146,11 @@ def make_dann_step(model, tx: optax.GradientTransformation, *, frozen: Sequence[
                 k_drop_src, k_drop_tgt = jax.random.split(k_drop)
                 f_src, updates = features(src, variables["batch_stats"], k_drop_src)
                 f_tgt, updates = features(tgt, updates.get("batch_stats", variables["batch_stats"]), k_drop_tgt)
-                feats = jnp.concatenate([f_src, f_tgt])
             else:
-                feats, updates = features(jnp.concatenate([src, tgt]), variables["batch_stats"], k_drop)
-            logits = head_logits(head_params(variables["params"], head_path), feats[:n_src], k_head, drop_rate)
+                mixed, updates = features(interleave(src, tgt), variables["batch_stats"], k_drop)
+                f_src, f_tgt = deinterleave(mixed)
+            feats = jnp.concatenate([f_src, f_tgt])
+            logits = head_logits(head_params(variables["params"], head_path), f_src, k_head, drop_rate, axis_name)
             label_loss = jnp.sum(cross_entropy(logits, labels, num_classes, label_smoothing) * w_src) / total_src
             dom_logits = domain_clf.apply({"params": dom_params}, grad_reverse(feats.astype(jnp.float32), lam))
             is_target = jnp.concatenate([jnp.zeros(n_src), jnp.ones(feats.shape[0] - n_src)])

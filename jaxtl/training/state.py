@@ -30,8 +30,9 @@ class TrainState:
     """Trainable params, changing BatchNorm statistics, optimizer state, step, RNG and the plateau state.
 
     ``rng`` is the root key's raw data (uint32), so checkpoints store it like
-    any array; each step derives its own key by folding in ``step`` (and the
-    device index), which makes a resumed run draw exactly the same numbers.
+    any array; each step derives its own key by folding in ``step`` (and each
+    example's draws fold in its position in the global batch), which makes a
+    resumed run draw exactly the same numbers, on any number of devices.
     """
 
     step: jax.Array          # int32: batches trained on so far

@@ -8,6 +8,11 @@ BatchNorm layers were built with the same axis name).
 A batch is ``{"image": uint8 NHWC, "label": int32, "weight": float32}``;
 ``weight`` is 1 for real examples and 0 for padding, so the loss and the
 metrics are exact however a batch was padded.
+
+Randomness does not depend on the number of devices: a step's key is the
+run's root key folded with the step, and every per-example draw
+(augmentation, dropout, stochastic depth) comes from that key folded with the
+example's position in the global batch (:func:`example_keys`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxtl.models.layers import example_bernoulli, example_keys
 from jaxtl.training.state import TrainState, merge, select_like
 
-Prepare = Callable[[jax.Array, jax.Array], jax.Array]  # (rng, uint8 images) -> float32 model input
+# (one key per image, uint8 images) -> float32 model input
+Prepare = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0):
@@ -36,12 +43,10 @@ def _psum(x, axis_name):
     return lax.psum(x, axis_name) if axis_name else x
 
 
-def step_key(state: TrainState, axis_name: str | None) -> jax.Array:
-    """This step's key: the run's root key folded with the step (and the device index)."""
-    key = jax.random.fold_in(state.key, state.step)
-    if axis_name:
-        key = jax.random.fold_in(key, lax.axis_index(axis_name))
-    return key
+def step_key(state: TrainState) -> jax.Array:
+    """This step's key: the run's root key folded with the step, the same on every device
+    (per-example draws fold in the example's global position: :func:`example_keys`)."""
+    return jax.random.fold_in(state.key, state.step)
 
 
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats: Any,
@@ -65,8 +70,9 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats:
     return new, loss, grad_norm, finite
 
 
-# (variables, inputs, key) -> (logits, the model's batch statistics after the pass)
-Forward = Callable[[dict, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (variables, inputs, step key[, axis name]) -> (logits, the model's batch statistics after the pass).
+# The train step passes its axis name, from which per-example draws find their global positions.
+Forward = Callable[..., tuple[jax.Array, Any]]
 
 
 def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
@@ -74,12 +80,15 @@ def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
 
     ``frozen`` groups run in inference mode (running BatchNorm statistics,
     no dropout); the tuple is static, so each strategy stage compiles once.
+    Each image is augmented with its own key (:func:`example_keys`); the
+    model draws its dropout masks per example itself (it was built with the
+    same ``axis_name``).
     """
     frozen = tuple(frozen)
 
-    def forward(variables, images, key):
+    def forward(variables, images, key, axis_name=None):
         aug_key, dropout_key = jax.random.split(key)
-        x = prepare(aug_key, images)
+        x = prepare(example_keys(aug_key, images.shape[0], axis_name), images)
         logits, updates = model.apply(variables, x, train=True, frozen=frozen, mutable=["batch_stats"],
                                       rngs={"dropout": dropout_key})
         return logits, updates.get("batch_stats", variables.get("batch_stats", {}))
@@ -87,11 +96,13 @@ def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
     return forward
 
 
-def head_logits(head: dict, features: jax.Array, key: jax.Array | None = None, drop_rate: float = 0.0):
-    """The classifier on pooled features: dropout (in training, with ``key``) + Dense."""
+def head_logits(head: dict, features: jax.Array, key: jax.Array | None = None, drop_rate: float = 0.0,
+                axis_name: str | None = None):
+    """The classifier on pooled features: dropout (in training, with ``key``; a mask per example
+    from its position in the global batch, :func:`example_bernoulli`) + Dense."""
     x = features.astype(jnp.float32)
     if key is not None and drop_rate > 0:
-        keep = jax.random.bernoulli(key, 1.0 - drop_rate, x.shape)
+        keep = example_bernoulli(key, 1.0 - drop_rate, x.shape, axis_name)
         x = jnp.where(keep, x / (1.0 - drop_rate), 0.0)
     return x @ head["kernel"] + head.get("bias", 0.0)
 
@@ -105,8 +116,8 @@ def head_params(params: dict, head_path: Sequence[str]) -> dict:
 def head_forward(head_path: Sequence[str], drop_rate: float = 0.0) -> Forward:
     """The classifier alone on cached features (``--cache-features``): dropout + Dense."""
 
-    def forward(variables, features, key):
-        logits = head_logits(head_params(variables["params"], head_path), features, key, drop_rate)
+    def forward(variables, features, key, axis_name=None):
+        logits = head_logits(head_params(variables["params"], head_path), features, key, drop_rate, axis_name)
         return logits, variables.get("batch_stats", {})
 
     return forward
@@ -122,13 +133,13 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
     """
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
-        key = step_key(state, axis_name)
+        key = step_key(state)
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         total = jnp.maximum(_psum(jnp.sum(weight), axis_name), 1.0)
 
         def loss_fn(params):
             variables = merge(frozen, {"params": params, "batch_stats": state.batch_stats})
-            logits, batch_stats = forward(variables, batch["image"], key)
+            logits, batch_stats = forward(variables, batch["image"], key, axis_name)
             per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
