@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
 from jaxtl import runtime
-from jaxtl.errors import Interrupted, JaxtlError, TrainingError
+from jaxtl.errors import Interrupted, JaxtlError, ProcessLost, TrainingError
 
 EXIT_USER_ERROR = 2          # bad input or options
 EXIT_TRAINING_STOPPED = 3    # training stopped, e.g. on a non-finite loss
@@ -32,6 +33,11 @@ def run_cli(main: Callable[[argparse.Namespace], int | None], parser: argparse.A
             raise
         stopped = isinstance(e, TrainingError)
         print(f"{parser.prog}: {'stopped' if stopped else 'error'}: {e}", file=sys.stderr)
+        if isinstance(e, ProcessLost):
+            # A normal exit would wait at JAX's shutdown barrier for the lost process, then abort.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_TRAINING_STOPPED)
         if isinstance(e, Interrupted):
             return EXIT_INTERRUPTED
         return EXIT_TRAINING_STOPPED if stopped else EXIT_USER_ERROR

@@ -50,3 +50,7 @@ class TrainingError(JaxtlError):
 
 class Interrupted(TrainingError):
     """SIGINT/SIGTERM stopped a run after saving a checkpoint; the message says how to resume."""
+
+
+class ProcessLost(TrainingError):
+    """Another process of a run of several stopped (killed, crashed, its host gone); this one stops too."""

@@ -26,6 +26,11 @@ What it sets, each left alone when the user already chose or opted out:
   Left alone when ``jax_compilation_cache_dir`` is set; opt out:
   ``JAXTL_NO_COMPILE_CACHE=1``.
 
+Several processes (one per host, or per GPU) join through JAX's distributed runtime
+with :func:`start_processes`, also before the first JAX computation;
+:func:`processes_from` reads where this process stands from the command line, the
+``JAX_*`` environment or a cluster launcher.
+
 The first two act only before JAX creates its CPU backend (the first array or
 computation); called later, :func:`configure` says so in one line on stderr.
 docs/performance.md has the measurements behind each setting.
@@ -212,3 +217,109 @@ def settings() -> Settings:
     _, memory = _applied.get("cpu", (False, False))
     return Settings(cpu_conv_flag=CPU_CONV_FLAG in os.environ.get("XLA_FLAGS", ""), step_memory_kept=memory,
                     compile_cache=_applied.get("compile_cache"))
+
+
+# -- several processes -------------------------------------------------------------------------
+
+# A peer that stops sending heartbeats for this long is taken as dead, and JAX ends the processes
+# left (its default, 100 s, is longer than a user waits for a stopped run to say so).
+HEARTBEAT_TIMEOUT_S = 30
+INITIALIZATION_TIMEOUT_S = 120   # how long a process waits for all the others to join
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a run of several: JAX's distributed runtime, started or not."""
+    coordinator: str | None   # HOST:PORT of process 0's coordination service; "auto": JAX detects the cluster
+    num_processes: int | None
+    process_id: int | None
+
+    @property
+    def wanted(self) -> bool:
+        return self.coordinator is not None
+
+
+def processes_from(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+                   environ=os.environ) -> Processes:
+    """The run's processes from the command line's ``--coordinator/--num-processes/--process-id``, else
+    from ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, else from a cluster
+    launcher that started several tasks (SLURM's ``srun``, Open MPI's ``mpirun``): JAX detects those.
+    A missing or malformed part is a :class:`~jaxtl.errors.ConfigError` naming it."""
+    from jaxtl.errors import ConfigError
+
+    if coordinator is None and num_processes is None and process_id is None:
+        coordinator = environ.get("JAX_COORDINATOR_ADDRESS") or None
+        num_processes, process_id = environ.get("JAX_NUM_PROCESSES"), environ.get("JAX_PROCESS_ID")
+        flags = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+        if coordinator is None and num_processes is None and process_id is None:
+            if _launcher_started_several(environ):
+                return Processes(AUTO, None, None)
+            return Processes(None, None, None)
+    else:
+        flags = ("--coordinator", "--num-processes", "--process-id")
+    if coordinator == AUTO:
+        if num_processes is not None or process_id is not None:
+            raise ConfigError(f"{flags[0]} auto lets JAX detect the cluster; leave out {flags[1]} and {flags[2]}")
+        return Processes(AUTO, None, None)
+    given = dict(zip(flags, (coordinator, num_processes, process_id)))
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(f"several processes need {', '.join(flags)} together; missing {', '.join(missing)} "
+                          f"(or {flags[0]} auto on a cluster JAX detects)")
+    host, sep, port = str(coordinator).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flags[0]} {coordinator!r}: expected HOST:PORT, e.g. 10.0.0.1:1234 (process 0's "
+                          "address and a free port)")
+    try:
+        n, i = int(num_processes), int(process_id)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flags[1]} and {flags[2]} must be whole numbers, got {num_processes!r} and "
+                          f"{process_id!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"{flags[2]} {i} with {flags[1]} {n}: the process id must be 0 to {n - 1}")
+    return Processes(str(coordinator), n, i)
+
+
+def _launcher_started_several(environ) -> bool:
+    """SLURM (``srun``) or Open MPI (``mpirun``) started more than one task of this program."""
+    for count in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        value = environ.get(count, "")
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def start_processes(coordinator: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> tuple[int, int]:
+    """Join the run's other processes through JAX's distributed runtime, before JAX's first array;
+    returns ``(process index, process count)``. Where this process stands comes from the arguments,
+    the ``JAX_*`` environment or a cluster launcher (:func:`processes_from`). Collectives between
+    processes on CPUs go over gloo. Does nothing for a single process, and nothing a second time::
+
+        jaxtl.runtime.start_processes("10.0.0.1:1234", num_processes=2, process_id=0)
+        jaxtl.train(data="photos/", output="/shared/runs/pets", ...)
+    """
+    import jax
+
+    from jaxtl.errors import ConfigError
+
+    processes = processes_from(coordinator, num_processes, process_id)
+    if not processes.wanted or jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    if backend_already_started():
+        raise ConfigError("several processes: JAX already started in this process; call "
+                          "jaxtl.runtime.start_processes() before the first JAX array or computation")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = {} if processes.coordinator == AUTO else dict(coordinator_address=processes.coordinator,
+                                                       num_processes=processes.num_processes,
+                                                       process_id=processes.process_id)
+    try:
+        jax.distributed.initialize(**kw, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+                                   initialization_timeout=INITIALIZATION_TIMEOUT_S)
+    except (ValueError, RuntimeError) as e:  # JAX found no cluster, or the coordinator did not answer
+        where = processes.coordinator if processes.coordinator != AUTO else "the cluster JAX detects"
+        raise ConfigError(f"several processes: cannot join {where} ({str(e).splitlines()[0][:160]}); start every "
+                          "process with the same --coordinator and --num-processes and its own --process-id") \
+            from None
+    return jax.process_index(), jax.process_count()

@@ -162,7 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "shard_map)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    g = p.add_argument_group("several processes (one per host or GPU; docs/multi-process.md)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0, the same for every process; 'auto': JAX detects "
+                                         "the cluster (SLURM, Open MPI, Cloud TPU, Kubernetes)")
+    g.add_argument("--num-processes", help="how many processes run this job")
+    g.add_argument("--process-id", help="this process's number, 0 to --num-processes - 1")
     return p
+
+
+PROCESS_FLAGS = ("coordinator", "num_processes", "process_id")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -175,7 +184,8 @@ def config_from_args(args: argparse.Namespace):
     from jaxtl.training.config import CONFIG_FILE, TrainConfig, strategy_and_objective
 
     given = vars(args).copy()
-    given.pop("debug", None)
+    for name in ("debug", *PROCESS_FLAGS):  # how this process runs, not what the run is
+        given.pop(name, None)
     if given.get("resume", False):
         out = Path(given.get("output", TrainConfig.output))
         try:
@@ -220,11 +230,16 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxtl import runtime
     from jaxtl.training.config import TrainConfig
     from jaxtl.training.loop import train
-    from jaxtl.training.parallel import maybe_initialize_distributed
 
-    maybe_initialize_distributed()
+    flags = [getattr(args, name, None) for name in PROCESS_FLAGS]
+    if runtime.processes_from(*flags).wanted and not getattr(args, "output", None):
+        raise ConfigError("several processes share one run folder: pass --output DIR, the same on every process")
+    runtime.start_processes(*flags)
     cfg = config_from_args(args)
     if not getattr(args, "output", None) and not cfg.resume and cfg.output != TrainConfig.output:
         print(f"{TrainConfig.output} holds an earlier run; this one goes to {cfg.output} "
@@ -234,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise KeyboardInterrupt("no checkpoint written for the current epoch") from None
     final = result.final
-    print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "
-          f"{len(result.records)} epoch(s); model and plots in {result.output}")
+    if jax.process_index() == 0:  # the run speaks through process 0
+        print(f"done: validation top-1 {final['val_top1']:.4f}, top-5 {final['val_top5']:.4f} after "
+              f"{len(result.records)} epoch(s); model and plots in {result.output}")
     return 0
 
 

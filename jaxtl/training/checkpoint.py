@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from jaxtl.errors import CheckpointError
+from jaxtl.training.parallel import lost_process
 
 
 class RunLock:
@@ -148,6 +149,8 @@ class Checkpoints:
                               metrics=metrics, force=True)
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - tensorstore and orbax raise more than OSError (e.g. on ENOSPC)
+            if lost_process(e):  # not the disk: the trainer says another process is gone
+                raise
             why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0][:160]
             raise CheckpointError(f"saving the checkpoint of step {step} failed ({why}); the previous checkpoint in "
                                   f"{self.directory} is intact; free some space and continue with --resume") from None

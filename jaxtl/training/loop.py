@@ -19,7 +19,8 @@ boundary joins the state with its starting values. On cached features an epoch
 is one compiled call (the steps scanned on the device), and so is evaluation.
 
 Determinism: the data order comes from ``(seed, epoch)``, every random draw
-in a step from ``(seed, step, device)``, and a checkpoint records the epoch,
+in a step from ``(seed, step, the example's position in the global batch)`` -
+the same on any number of devices or processes - and a checkpoint records the epoch,
 the batch within it and the partial sums of the epoch's metrics. A resumed
 run therefore ends with the same parameters and metrics, bit for bit on CPU,
 as an uninterrupted one - also in the middle of progressive unfreezing.
@@ -28,7 +29,9 @@ as an uninterrupted one - also in the middle of progressive unfreezing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -46,7 +49,7 @@ from jaxtl import runtime
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
-from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, TrainingError
+from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, ProcessLost, TrainingError
 from jaxtl.export import save_model, write_variables_file
 from jaxtl.models import create_model
 from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
@@ -58,7 +61,7 @@ from jaxtl.training.evaluation import accumulate, metrics
 from jaxtl.training.feature_cache import cache_features
 from jaxtl.training.objectives import make_objective
 from jaxtl.training.checkpoint import STATE_LAYOUT_KEY, STATE_TRAINABLE, Checkpoints, RunLock
-from jaxtl.training.parallel import AXIS, DataParallel
+from jaxtl.training.parallel import AXIS, DataParallel, lost_process
 from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, confusion_matrix, epoch_line,
                                    plot_confusion, plot_curves)
 from jaxtl.training.start import starting_point
@@ -85,7 +88,7 @@ class TrainResult:
 
 class _Signals:
     """The first SIGINT/SIGTERM asks the loop to stop after the current step (or epoch, on cached
-    features); a second one stops at once, except during a checkpoint save (:meth:`saving`), which
+    features, or with several processes); a second one stops at once, except during a checkpoint save (:meth:`saving`), which
     always completes: the loop then stops right after it, the new checkpoint on disk."""
 
     def __init__(self):
@@ -122,8 +125,13 @@ class _Signals:
 class Trainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         cfg = cfg.with_absolute_paths()
-        self.cfg, self.log = cfg, log
         cfg.validate()
+        # With several processes, process 0 holds the folder's lock, writes its files and speaks for the run;
+        # all of them train, and save and restore checkpoints together.
+        self.primary = jax.process_index() == 0
+        self.cfg, self.log = cfg, (log if self.primary else _quiet)
+        if jax.process_count() > 1:
+            _check_same_options(cfg)
         self.spec, implied = resolve(cfg.backbone)
         self.source = cfg.source or implied
         self.spec.source(self.source)  # unknown source -> error now
@@ -135,14 +143,15 @@ class Trainer:
         self.skipped: list[str] = []  # "path: reason" of every file skipped as unreadable
         self.extended_from = cfg.epochs  # a resumed run's epochs before this start
         before = {p for p in (self.out, self.out / ".lock", self.out / "checkpoints") if p.exists()}
-        self.lock = RunLock(self.out).acquire()
+        self.lock = RunLock(self.out).acquire() if self.primary else None
         try:
             self._setup()
         except BaseException:
             if hasattr(self, "ckpts"):
                 self.ckpts.close()
-            self.lock.release()
-            _remove_what_this_start_made(self.out, before)
+            if self.lock is not None:
+                self.lock.release()
+                _remove_what_this_start_made(self.out, before)
             raise
 
     # -- set-up --------------------------------------------------------------------------
@@ -167,7 +176,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.data: Dataset = load_dataset(cfg.data, data_dir=cfg.data_dir, val_fraction=cfg.val_fraction,
                                           seed=cfg.seed, limit_per_class=cfg.limit_per_class, strict=cfg.strict)
-        if cfg.resume:
+        if cfg.resume and self.primary:
             (self.out / BAD_FILES).unlink(missing_ok=True)  # rewritten from the scan below
         if self.data.skipped:
             self.log(f"skipping {len(self.data.skipped)} file(s) that are not readable images "
@@ -233,12 +242,13 @@ class Trainer:
             if cfg.resume:
                 path = Path(self.frozen_ref["file"])
                 self.frozen_ref["sha256"] = sha256_file(path) if path.is_file() else None
-            else:
+            elif self.primary:  # the record that names the file is process 0's too
                 self._write_initial_variables()
         if not cfg.resume or cfg.epochs != self.extended_from:  # only once data and weights are known to work
             if cfg.resume:
                 self.log(f"extending the run in {self.out} from {self.extended_from} to {cfg.epochs} epochs")
-            (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            if self.primary:
+                _write_atomically(self.out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def _check_resume_config(self) -> None:
         path = self.out / CONFIG_FILE
@@ -266,6 +276,8 @@ class Trainer:
 
     def _record_bad(self, lines: list[str]) -> None:
         self.skipped += lines
+        if not self.primary:
+            return
         with open(self.out / BAD_FILES, "a") as fh:
             fh.write("".join(line + "\n" for line in lines))
 
@@ -422,11 +434,19 @@ class Trainer:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except Exception as e:
+            if isinstance(e, JaxtlError) or not lost_process(e):
+                raise
+            raise ProcessLost(
+                f"process {jax.process_index()} of {jax.process_count()} lost contact with another process of the "
+                f"run ({str(e).splitlines()[0][:120]}); the last complete checkpoint in {self.out / 'checkpoints'} "
+                f"is kept: start all {jax.process_count()} processes again with --resume") from None
         finally:
             try:
                 self.ckpts.close()  # waits for the last save: a failure to write it is reported
             finally:
-                self.lock.release()
+                if self.lock is not None:
+                    self.lock.release()
 
     def _restore(self, step: int) -> tuple[TrainState, Stage, dict]:
         """The state, stage and record of checkpoint ``step``; the record says which stage's optimizer
@@ -458,7 +478,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg, log = self.cfg, self.log
-        metrics_log = MetricsLog(self.out)
+        metrics_log = MetricsLog(self.out, write=self.primary)
         start_epoch, start_batch, partial_sums, nonfinite = 0, 0, None, 0
         stage = stage_at(self.stages, 0)
         if cfg.resume:
@@ -471,7 +491,7 @@ class Trainer:
         else:
             state = self.initial_state(stage)
             records = []
-            metrics_log.path.write_text("")
+            metrics_log.clear()
         log(f"{cfg.strategy.kind}: {len(self.stages)} stage(s); stage {stage.index} trains "
             f"{', '.join(stage.trainable)} ({_count(state.params):,} parameters); {self.dp.num_devices} device(s), "
             f"{self.dp.mapping}; {self.steps_per_epoch} steps/epoch")
@@ -525,7 +545,7 @@ class Trainer:
                 metrics_log.append(record)
                 log(epoch_line(record, cfg.epochs))
                 self._save(state, epoch + 1, 0, stage, None, nonfinite, {"val_top1": record["val_top1"]})
-                if signals.received is not None and epoch + 1 < cfg.epochs:  # came during a one-call epoch or the save
+                if self._stop_requested(signals) and epoch + 1 < cfg.epochs:  # came during a one-call epoch or the save
                     raise Interrupted(
                         f"interrupted after epoch {epoch + 1}; checkpoint saved (step {int(state.step)}) in "
                         f"{self.out}; continue with: python -m jaxtl.train --resume --output {self.out.absolute()}")
@@ -571,7 +591,7 @@ class Trainer:
                     consume({k: v[i] for k, v in metrics.items()}, first_batch + i)
             return state, sums, nonfinite, None
 
-        bar = _progress(cfg.progress, total=self.steps_per_epoch, initial=first_batch,
+        bar = _progress(cfg.progress and self.primary, total=self.steps_per_epoch, initial=first_batch,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}")
         batch_index = first_batch
         compiling = bar is not None and stage.index not in self._stepped
@@ -589,7 +609,7 @@ class Trainer:
                     consume(self._read_metrics(pending[0]), pending[1])
                 pending = (metrics, batch_index)
                 batch_index += 1
-                if signals.received is not None:
+                if signals.received is not None and jax.process_count() == 1:  # several processes stop together
                     break
             if pending is not None:
                 consume(self._read_metrics(pending[0]), pending[1])
@@ -600,6 +620,17 @@ class Trainer:
         if signals.received is not None and batch_index < self.steps_per_epoch:
             return state, sums, nonfinite, batch_index
         return state, sums, nonfinite, None
+
+    @staticmethod
+    def _stop_requested(signals: _Signals) -> bool:
+        """Whether a signal asked the run to stop. Processes of a run of several stop together, at the end of
+        an epoch, when any of them got one: each has to take part in every step and save."""
+        received = signals.received is not None
+        if jax.process_count() == 1:
+            return received
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([received]))))
 
     def _read_metrics(self, packed) -> dict:
         return unpack_metrics(np.asarray(jax.device_get(packed)), self.metric_names)
@@ -629,6 +660,8 @@ class Trainer:
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
                          "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},
         }
+        if not self.primary:
+            return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
         path = save_model(self.out, variables, meta)
         if records:
             plot_curves(records, self.out / CURVES_FILE, f"{self.spec.name} · {cfg.strategy.kind} · {cfg.data}")
@@ -665,6 +698,27 @@ def _remove_what_this_start_made(folder: Path, before: set[Path]) -> None:
             folder.rmdir()
     except OSError:
         pass  # best effort: never hide the error that stopped the start
+
+
+def _quiet(line: str) -> None:
+    """The log of processes other than process 0."""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (the other processes of a run, a resume) see the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_same_options(cfg: TrainConfig) -> None:
+    """Every process of a run must train the same run: process 0's options against this process's."""
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).digest(), np.uint8)
+    if not np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest):
+        raise ConfigError(f"process {jax.process_index()} was started with other options than process 0; start "
+                          "every process with the same options (only --process-id differs)")
 
 
 def _copy(tree: Any) -> Any:

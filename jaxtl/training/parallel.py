@@ -20,15 +20,17 @@ device is a mesh of one. shard_map runs with ``check_vma=False``: the step
 sums its gradients across devices explicitly, as under pmap. (With varying-
 axis tracking on, autodiff would already sum the gradients of the replicated
 parameters - the transpose of broadcasting them - and the explicit ``psum``
-would count them once per device.) Multi-host: :func:`maybe_initialize_distributed`
-calls ``jax.distributed.initialize()`` when the environment describes a
-cluster; each process then loads its own slice of every batch and
-:func:`put_batch` assembles the global array from the local pieces.
+would count them once per device.)
+
+Several processes (:func:`jaxtl.runtime.start_processes`): the mesh spans every
+process's devices, each process loads its own slice of every global batch and
+:meth:`DataParallel.put_batch` assembles the global array from the local pieces.
+Outputs the step replicates (the state, summed metrics) are read on every process
+from its own copy.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,19 +41,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtl.errors import ConfigError
 
 AXIS = "data"
+# What the errors of a collective or of JAX's coordination service say when a peer process is gone.
+_LOST_PROCESS_SIGNS = ("gloo", "connection reset", "connection refused", "broken pipe", "socket closed",
+                       "heartbeat", "unavailable", "barrier", "deadline_exceeded", "nccl")
+
+
+def lost_process(error: BaseException) -> bool:
+    """Whether ``error`` (raised by a step, a transfer or a checkpoint barrier) says another process of the
+    run is gone; only ever true with several processes."""
+    return jax.process_count() > 1 and any(sign in str(error).lower() for sign in _LOST_PROCESS_SIGNS)
 MAPPINGS = ("shard_map", "pmap")
-
-
-def maybe_initialize_distributed() -> bool:
-    """``jax.distributed.initialize()`` when the environment asks for several processes."""
-    wanted = any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "JAXTL_DISTRIBUTED"))
-    n = os.environ.get("JAX_NUM_PROCESSES")
-    if not wanted and not (n and int(n) > 1):
-        return False
-    if jax.distributed.is_initialized():
-        return True
-    jax.distributed.initialize()
-    return True
 
 
 @dataclass
@@ -64,6 +63,8 @@ class DataParallel:
     def __post_init__(self):
         if self.mapping not in MAPPINGS:
             raise ConfigError(f"unknown mapping {self.mapping!r}; choose {' or '.join(MAPPINGS)}")
+        if self.mapping == "pmap" and jax.process_count() > 1:
+            raise ConfigError("--mapping pmap runs in one process; several processes use the default shard_map")
         self.devices = tuple(self.devices) or tuple(jax.devices())
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
 

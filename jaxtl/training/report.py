@@ -17,8 +17,9 @@ CONFUSION_FILE = "confusion_matrix.png"
 class MetricsLog:
     """One JSON object per epoch in ``<output>/metrics.jsonl``."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, write: bool = True):
         self.path = Path(directory) / METRICS_FILE
+        self.write = write  # False: read only (the processes of a run other than process 0)
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -36,12 +37,21 @@ class MetricsLog:
     def keep_before(self, epoch: int) -> list[dict]:
         """On resume: drop records of epochs that will be trained again."""
         kept = [r for r in self.read() if r.get("epoch", 0) < epoch]
+        if not self.write:
+            return kept
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         return kept
 
+    def clear(self) -> None:
+        """A new run starts an empty log."""
+        if self.write:
+            self.path.write_text("")
+
     def append(self, record: dict) -> None:
+        if not self.write:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
