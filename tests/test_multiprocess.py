@@ -56,11 +56,17 @@ def one_process(out: Path, devices: int, *extra) -> subprocess.CompletedProcess:
 
 
 def start_processes(out: Path, n: int, *extra) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "jaxtl.train", *RUN, "--output", str(out), *map(str, extra),
-                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(1))
-            for i in range(n)]
+    """Process 0 is told where it stands by flags, the others by JAX_* variables: both ways are used."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for i in range(n):
+        flags = ["--coordinator", address, "--num-processes", str(n), "--process-id", str(i)] if i == 0 else []
+        env = _env(1) if i == 0 else {**_env(1), "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": str(n),
+                                      "JAX_PROCESS_ID": str(i)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxtl.train", *RUN, "--output", str(out),
+                                       *map(str, extra), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))
+    return procs
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str, str]]:
