@@ -43,6 +43,7 @@ import numpy as np
 
 import jaxtl
 from jaxtl import runtime
+from jaxtl.models import built_for_one_size
 import jax
 import jax.numpy as jnp
 import optax
@@ -207,7 +208,7 @@ def _num_features(name: str, size: int) -> int:
     from jaxtl.models import abstract_variables
 
     spec = jaxtl.get_spec(name)
-    kw = {"img_size": size} if spec.family == "vit" else {}
+    kw = {"img_size": size} if built_for_one_size(spec) else {}
     model = jaxtl.create_model(name, 10, **kw)
     variables = abstract_variables(model, spec)
     return int(jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, size, size, 3)), features_only=True),

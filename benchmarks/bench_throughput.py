@@ -37,6 +37,7 @@ import numpy as np
 
 import jaxtl
 from jaxtl import runtime
+from jaxtl.models import built_for_one_size
 import jax
 import jax.numpy as jnp
 
@@ -70,7 +71,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     from jaxtl.training.step import image_forward, make_train_step
 
     spec = jaxtl.get_spec(name)
-    kw = {"img_size": size} if spec.family == "vit" else {}
+    kw = {"img_size": size} if built_for_one_size(spec) else {}
     model = jaxtl.create_model(name, NUM_CLASSES, dtype=dtype, axis_name=AXIS, **kw)
     variables = init_variables(jaxtl.create_model(name, NUM_CLASSES, **kw), spec, 0)
     rng = np.random.default_rng(0)
@@ -150,7 +151,7 @@ def torch_jobs(name: str, size: int, mode: str, batch: int, dtype: str, device: 
     spec = jaxtl.get_spec(name)
     src = spec.source(None)
     kw = {}
-    if spec.family == "vit":
+    if built_for_one_size(spec):
         kw = {"img_size": size} if src.name == "timm" else {"image_size": size}
     head_path = _ref(src, ("params", *spec.head_path, "kernel"))[0].rsplit(".", 1)[0]
     rng = np.random.default_rng(0)
@@ -171,7 +172,7 @@ def torch_jobs(name: str, size: int, mode: str, batch: int, dtype: str, device: 
         torch.manual_seed(0)
         model = build_torch_model(name, src.name, num_classes=NUM_CLASSES, **kw).to(device)
         x = x_cpu.to(device)
-        if layout == "channels_last" and spec.family != "vit":
+        if layout == "channels_last" and not built_for_one_size(spec):
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         elif layout == "channels_last":

@@ -146,6 +146,8 @@ def _convert(spec: BackboneSpec, src: SourceSpec, state_dict: Mapping[str, Any],
         num_classes = ckpt_classes
     elif num_classes is None:
         raise ConfigError("head='new' needs num_classes (the number of classes of your data)")
+    elif ckpt_classes is None:   # no classifier: a backbone for features, or another architecture's file
+        _refuse_other_architecture(spec, src, arrays, ignored, model_kwargs)
 
     model = create_model(spec.name, num_classes, source=src.name, **model_kwargs)
     shapes = traverse_util.flatten_dict(abstract_variables(model, spec))

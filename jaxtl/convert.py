@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from jaxtl.cli import run_cli
-from jaxtl.errors import ConfigError
+from jaxtl.errors import ConfigError, HeadlessCheckpoint
 
 VERIFY_TOLERANCE = 1e-4
 
@@ -51,9 +52,14 @@ def convert(args: argparse.Namespace) -> int:
 
     model_kwargs = {"img_size": args.img_size} if args.img_size else {}
     t0 = time.perf_counter()
-    model, variables, info = load_pretrained(
-        args.backbone, args.source, tag=args.tag, weights_file=args.weights_file, seed=args.seed,
-        allow_download=not args.no_download, use_cache=False, **model_kwargs)
+    load = partial(load_pretrained, args.backbone, args.source, tag=args.tag, weights_file=args.weights_file,
+                   seed=args.seed, allow_download=not args.no_download, use_cache=False, **model_kwargs)
+    try:   # the checkpoint's own head first: --verify compares it
+        model, variables, info = load()
+    except HeadlessCheckpoint:
+        if args.num_classes is None:
+            raise
+        model, variables, info = load(num_classes=args.num_classes)
     n_params = sum(int(np.prod(x.shape)) for x in _leaves(variables["params"]))
     origin = f"{info.tag} " if info.tag else ""
     print(f"read {info.source} {origin}{Path(info.file).name} (sha256 {info.sha256[:12]}...): "
@@ -85,20 +91,23 @@ def verify(args, model, variables, info) -> float:
     """Same random batch through PyTorch and Flax; prints and checks max |delta|."""
     import jax
 
-    from jaxtl.torch_ref import load_torch_reference, torch_forward
+    from jaxtl.torch_ref import load_torch_reference, torch_features, torch_forward
     from jaxtl.weights import read_state_dict
 
     size = info.preprocessing.input_size
+    # A checkpoint without a classifier (DINOv2, CLIP, SigLIP) is compared on its features.
+    headless = not info.checkpoint_num_classes
     tmodel = load_torch_reference(info.backbone, info.source, read_state_dict(info.file), img_size=args.img_size,
-                                  num_classes=info.checkpoint_num_classes)
+                                  num_classes=info.checkpoint_num_classes or None)
     x = np.random.default_rng(args.seed).standard_normal((2, size, size, 3)).astype(np.float32)
-    ref = torch_forward(tmodel, x)
+    ref = torch_features(info.backbone, info.source, tmodel, x) if headless else torch_forward(tmodel, x)
     with jax.default_matmul_precision("highest"):
-        out = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+        out = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, features_only=headless))(variables, x))
     delta = float(np.abs(out - ref).max())
     scale = float(np.abs(ref).max())
     ok = delta <= VERIFY_TOLERANCE * scale
-    print(f"verify: max |delta| = {delta:.3g} (max |logits| {scale:.3g}, relative {delta / scale:.2g}) on a random "
+    what = "features" if headless else "logits"
+    print(f"verify: max |delta| = {delta:.3g} (max |{what}| {scale:.3g}, relative {delta / scale:.2g}) on a random "
           f"batch of 2 at {size} px: {'OK' if ok else 'MISMATCH'}")
     if not ok:
         raise ConfigError(f"--verify failed: jaxtl and PyTorch differ by {delta:.3g} "

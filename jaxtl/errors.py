@@ -54,3 +54,7 @@ class Interrupted(TrainingError):
 
 class ProcessLost(TrainingError):
     """Another process of a run of several stopped (killed, crashed, its host gone); this one stops too."""
+
+
+class HeadlessCheckpoint(ConfigError):
+    """A checkpoint without a classifier (DINOv2, CLIP, SigLIP) was loaded without a number of classes."""

@@ -50,10 +50,16 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, backbone: str, source: str | None = None, tag: str | None = None,
                         weights_file: str | None = None, allow_download: bool = True) -> "Predictor":
+        from jaxtl.errors import HeadlessCheckpoint
         from jaxtl.pretrained import load_pretrained
 
-        model, variables, info = load_pretrained(backbone, source, tag=tag, weights_file=weights_file,
-                                                 allow_download=allow_download)
+        try:
+            model, variables, info = load_pretrained(backbone, source, tag=tag, weights_file=weights_file,
+                                                     allow_download=allow_download)
+        except HeadlessCheckpoint:
+            raise ConfigError(f"{backbone}'s weights have no classifier, so there are no classes to predict; "
+                              f"train a head first (python -m jaxtl.train --backbone {backbone} --strategy "
+                              "feature_extract --data DIR), then predict with --checkpoint") from None
         return cls(model, variables, info.preprocessing, info.class_names)
 
     def probabilities(self, images_nhwc: np.ndarray) -> np.ndarray:

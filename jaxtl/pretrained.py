@@ -21,8 +21,8 @@ from flax import serialization, traverse_util
 from PIL import Image
 
 from jaxtl.classnames import class_names as known_class_names
-from jaxtl.conversion import from_state_dict, init_head
-from jaxtl.errors import ConfigError
+from jaxtl.conversion import checkpoint_num_classes, from_state_dict, init_head
+from jaxtl.errors import ConfigError, HeadlessCheckpoint
 from jaxtl.export import atomic_write_bytes, read_model_file
 from jaxtl.hub import find_pretrained
 from jaxtl.paths import jaxtl_cache_dir
@@ -30,7 +30,7 @@ from jaxtl.models import create_model
 from jaxtl.data.decode import load_image
 from jaxtl.data.preprocessing import Preprocessing
 from jaxtl.data.transforms import eval_transform
-from jaxtl.registry import resolve
+from jaxtl.registry import resolve, split_weights_tag
 from jaxtl.weights import check_weights_path, read_state_dict, sha256_file
 
 
@@ -75,6 +75,10 @@ def load_pretrained(name: str, source: str | None = None, *, tag: str | None = N
     ``num_classes`` different from the checkpoint's replaces the head with a
     fresh one (the transfer-learning case); None keeps the checkpoint's head.
     """
+    name, name_tag = split_weights_tag(name)
+    if name_tag is not None and tag is not None and tag.lower() != name_tag.lower():
+        raise ConfigError(f"{name}.{name_tag} names weights {name_tag!r} but tag={tag!r}; give one of them")
+    tag = tag or name_tag
     spec, implied = resolve(name)
     src = spec.source(source or implied)
     if weights_file is not None:
@@ -93,7 +97,13 @@ def load_pretrained(name: str, source: str | None = None, *, tag: str | None = N
         except Exception:  # noqa: BLE001 - a bad cache entry is rebuilt, never trusted
             variables = None
     if variables is None:
-        _, variables = from_state_dict(spec.name, read_state_dict(path), src.name, **model_kwargs)
+        state = read_state_dict(path)
+        if checkpoint_num_classes(spec, src, state) is None:
+            # A backbone for features (DINOv2, SigLIP): convert it, and cache it without a classifier.
+            _, variables = from_state_dict(spec.name, state, src.name, head="new", num_classes=1, **model_kwargs)
+            variables = _without_head(variables, spec.head_path)
+        else:
+            _, variables = from_state_dict(spec.name, state, src.name, **model_kwargs)
         if use_cache:
             try:
                 payload = {"meta": _cache_meta(spec.name, src.name, sha, model_kwargs), "variables": variables}
@@ -102,9 +112,14 @@ def load_pretrained(name: str, source: str | None = None, *, tag: str | None = N
                 pass  # the cache is an optimisation; a read-only home must not stop the run
 
     head = traverse_util.flatten_dict(variables["params"])
-    head_kernel = head[(*spec.head_path, "kernel")]
-    ckpt_classes = int(head_kernel.shape[-1])
-    if num_classes is not None and num_classes != ckpt_classes:
+    if (*spec.head_path, "kernel") not in head:
+        ckpt_classes = 0
+        if num_classes is None:
+            raise _headless(spec, weights, path)
+        variables = _with_new_head(variables, spec, src.name, num_classes, seed, model_kwargs)
+    else:
+        ckpt_classes = int(head[(*spec.head_path, "kernel")].shape[-1])
+    if num_classes is not None and num_classes != ckpt_classes and ckpt_classes:
         variables = replace_head(variables, spec.head_path, num_classes, seed)
     n = num_classes or ckpt_classes
     names = None
@@ -128,6 +143,29 @@ def _cache_meta(name: str, source: str, sha256: str, model_kwargs: dict) -> str:
 
     return json.dumps({"format": FORMAT, "backbone": name, "source": source, "sha256": sha256,
                        "model_kwargs": model_kwargs})
+
+
+def _headless(spec, weights, path) -> HeadlessCheckpoint:
+    what = f"{weights.tag} weights" if weights is not None else f"weights in {Path(path).name}"
+    return HeadlessCheckpoint(f"the {what} of {spec.name} have no classifier (a backbone for features); "
+                              "give the number of classes: num_classes=N (--num-classes N)")
+
+
+def _without_head(variables: dict, head_path: tuple[str, ...]) -> dict:
+    flat = traverse_util.flatten_dict(variables)
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k[1:1 + len(head_path)] != head_path})
+
+
+def _with_new_head(variables: dict, spec, source: str, num_classes: int, seed: int, model_kwargs: dict) -> dict:
+    """A headless backbone's variables with a fresh ``num_classes``-way classifier."""
+    from jaxtl.models import abstract_variables
+
+    shapes = traverse_util.flatten_dict(abstract_variables(create_model(spec.name, num_classes, source=source,
+                                                                        **model_kwargs), spec))
+    flat = traverse_util.flatten_dict(variables)
+    flat.update(init_head({p: sds for p, sds in shapes.items() if p[1:1 + len(spec.head_path)] == spec.head_path},
+                          seed))
+    return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()})
 
 
 def replace_head(variables: dict, head_path: tuple[str, ...], num_classes: int, seed: int = 0) -> dict:
@@ -161,8 +199,9 @@ def preprocess(images, backbone: str | Preprocessing, *, source: str | None = No
     elif isinstance(backbone, Mapping):
         pre = Preprocessing.from_dict(backbone.get("preprocessing", backbone))
     else:
+        backbone, name_tag = split_weights_tag(backbone)
         spec, implied = resolve(backbone)
-        pre = spec.preprocessing_for(source or implied, tag)
+        pre = spec.preprocessing_for(source or implied, tag or name_tag)
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     return np.stack([eval_transform(im if isinstance(im, Image.Image) else load_image(im), pre) for im in images])

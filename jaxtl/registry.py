@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from jaxtl.data.preprocessing import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,  # noqa: F401
-                                      Preprocessing, timm_preprocessing)
+                                      OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Preprocessing, timm_preprocessing)
 from jaxtl.errors import ConfigError, UnknownModelError
 
 # A leaf of a Flax variable tree: (collection, module path..., leaf name),
@@ -59,11 +59,16 @@ def torchvision_weights(tag: str, filename: str, preprocessing: Preprocessing, n
     return PretrainedWeights(tag, filename, TORCHVISION_URL + filename, preprocessing, note=note)
 
 
-def timm_hub_weights(model: str, tag: str, preprocessing: Preprocessing, note: str = "") -> PretrainedWeights:
-    """timm's ``model.safetensors`` of ``timm/<model>.<tag>`` on the Hugging Face hub."""
+def timm_hub_weights(model: str, tag: str, preprocessing: Preprocessing, note: str = "",
+                     num_classes: int = 1000) -> PretrainedWeights:
+    """timm's ``model.safetensors`` of ``timm/<model>.<tag>`` on the Hugging Face hub.
+
+    ``num_classes=0``: the file has no classifier (a backbone for features:
+    DINOv2, CLIP's image tower, SigLIP), as timm's pretrained_cfg says."""
     repo = f"timm/{model}.{tag}"
     return PretrainedWeights(tag, "model.safetensors", f"https://huggingface.co/{repo}/resolve/main/model.safetensors",
-                             preprocessing, hf_repo=repo, note=note)
+                             preprocessing, hf_repo=repo, note=note, num_classes=num_classes,
+                             class_names="imagenet1k" if num_classes == 1000 else None)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,11 @@ class SourceSpec:
     # published DenseNet files say "norm.1" where the module says "norm1").
     # Returns the renamed dict; raises ConversionError if two keys collide.
     rename_keys: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    # What ``features_only=True`` computes, from the PyTorch reference model:
+    # reference_features(torch_model, nchw_images) -> (batch, num_features).
+    # For backbones whose features are not the library model's own output
+    # (DINOv2's class token + patch mean); None: the model's pre-logits.
+    reference_features: Callable[[Any, Any], Any] | None = None
 
     def default_weights(self) -> PretrainedWeights | None:
         return self.weights[0] if self.weights else None
@@ -188,10 +198,27 @@ def resolve(name: str) -> tuple[BackboneSpec, str]:
     lowered = key.lower().replace("-", "_")
     if lowered != key and (lowered in _REGISTRY or lowered in _ALIASES):
         return resolve(lowered)
+    base, dot, _ = key.rpartition(".")
+    if dot and (base in _REGISTRY or base in _ALIASES):   # timm's "model.tag": the tag picks weights, not a model
+        return resolve(base)
     known = sorted(set(_REGISTRY) | set(_ALIASES))
     close = difflib.get_close_matches(lowered, known, n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "see jaxtl.list_models()"
     raise UnknownModelError(f"unknown backbone {name!r}; {hint} ({len(_REGISTRY)} backbones known)")
+
+
+def split_weights_tag(name: str) -> tuple[str, str | None]:
+    """timm's ``model.tag`` (``vit_small_patch14_dinov2.lvd142m``) -> (model, tag);
+    a registered name or anything else -> (name, None)."""
+    key = name.strip() if isinstance(name, str) else name
+    if not isinstance(key, str) or "." not in key or key in _REGISTRY or key in _ALIASES:
+        return name, None
+    base, _, tag = key.rpartition(".")
+    try:
+        resolve(base)
+    except UnknownModelError:
+        return name, None
+    return base, tag
 
 
 def get_spec(name: str) -> BackboneSpec:

@@ -53,13 +53,14 @@ def build_torch_model(name: str, source: str | None = None, num_classes: int | N
 
 
 def load_torch_reference(name: str, source: str | None, state: dict, *, img_size: int | None = None,
-                         num_classes: int | None = None):
+                         num_classes: int | None = None, **kwargs: Any):
     """The PyTorch model with ``state`` loaded the way its library loads it.
 
     With ``img_size`` a ViT is built for that size and the checkpoint's
     position embedding is resampled by the library itself (timm's
     ``checkpoint_filter_fn``, torchvision's ``interpolate_embeddings``): the
     reference for jaxtl's own resampling. CNNs take any size as they are.
+    ``kwargs`` go to the model's constructor (``depth=2``).
     """
     torch = require_torch()
     spec, implied = resolve(name)
@@ -68,20 +69,20 @@ def load_torch_reference(name: str, source: str | None, state: dict, *, img_size
         state = src.rename_keys(dict(state))
     state = {k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
              for k, v in state.items()}
-    if img_size and spec.family == "vit":
+    if img_size and src.adapt is not None:   # a position embedding to resample
         if src.name == "timm":
             from timm.models.vision_transformer import checkpoint_filter_fn
 
-            model = build_torch_model(name, src.name, num_classes, img_size=img_size)
+            model = build_torch_model(name, src.name, num_classes, img_size=img_size, **kwargs)
             state = checkpoint_filter_fn(dict(state), model)
         else:
             from torchvision.models.vision_transformer import interpolate_embeddings
 
-            model = build_torch_model(name, src.name, num_classes, image_size=img_size)
+            model = build_torch_model(name, src.name, num_classes, image_size=img_size, **kwargs)
             patch = int(model.patch_size)
             state = interpolate_embeddings(img_size, patch, dict(state))
     else:
-        model = build_torch_model(name, src.name, num_classes)
+        model = build_torch_model(name, src.name, num_classes, **kwargs)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"PyTorch could not load these weights into {src.model_name} either "
@@ -96,3 +97,17 @@ def torch_forward(model, images_nhwc: np.ndarray, train: bool = False) -> np.nda
     model.train(train)
     with torch.no_grad():
         return model(x).float().numpy()
+
+
+def torch_features(name: str, source: str | None, model, images_nhwc: np.ndarray) -> np.ndarray:
+    """What jaxtl's ``features_only=True`` computes, from the torch model (eval mode):
+    the source's ``reference_features`` where it has one, else the model's output
+    (a headless timm model returns its pooled features)."""
+    torch = require_torch()
+    spec, implied = resolve(name)
+    src = spec.source(source or implied)
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc, np.float32).transpose(0, 3, 1, 2)))
+    model.eval()
+    with torch.no_grad():
+        out = src.reference_features(model, x) if src.reference_features is not None else model(x)
+    return out.float().numpy()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxtl
+from jaxtl.models import built_for_one_size
 from jaxtl.training.dann import DOMAIN_KEY, ganin_lambda, grad_reverse, init_domain_classifier, make_dann_step
 from jaxtl.data.augment import eval_prepare
 from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
@@ -44,7 +45,7 @@ def test_ganin_schedule():
 
 def _dann_setup(name: str, size: int, batch: int = 4):
     spec = jaxtl.get_spec(name)
-    kw = {"img_size": size} if spec.family == "vit" else {}
+    kw = {"img_size": size} if built_for_one_size(spec) else {}
     model = jaxtl.create_model(name, num_classes=3, drop_rate=0.0, **kw) if spec.family != "resnet" \
         else jaxtl.create_model(name, num_classes=3, **kw)
     variables = jaxtl.init_variables(model, spec, 0)

@@ -20,6 +20,10 @@ from jaxtl.models import vgg  # noqa: F401,E402
 from jaxtl.models import densenet  # noqa: F401,E402
 from jaxtl.models import efficientnet  # noqa: F401,E402
 from jaxtl.models import convnext  # noqa: F401,E402
+from jaxtl.models import dinov2  # noqa: F401,E402
+from jaxtl.models import clip  # noqa: F401,E402
+from jaxtl.models import siglip  # noqa: F401,E402
+from jaxtl.models import dinov3  # noqa: F401,E402
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
@@ -52,6 +56,20 @@ def create_model(name: str, num_classes: int = 1000, *, source: str | None = Non
         return spec.constructor(num_classes=int(num_classes), dtype=as_dtype(dtype), **model_kwargs)
     except TypeError as e:
         raise ConfigError(f"{spec.name} does not accept these options: {e}") from None
+
+
+def built_for_one_size(spec: BackboneSpec) -> bool:
+    """Whether the backbone is built for one image size (a ViT's ``img_size``) rather than taking any."""
+    import dataclasses
+    import inspect
+
+    ctor = spec.constructor
+    target = getattr(ctor, "func", ctor)
+    try:
+        return "img_size" in inspect.signature(target).parameters or any(
+            f.name == "img_size" for f in dataclasses.fields(target))
+    except (TypeError, ValueError):
+        return False
 
 
 def input_size_of(model, spec: BackboneSpec) -> int:

@@ -265,6 +265,9 @@ def _register_all() -> None:
                            for tag, fname, pre in _TORCHVISION_WEIGHTS[name])
         timm_weights = tuple(timm_hub_weights(name, tag, timm_preprocessing(224, crop_pct, "bicubic"))
                              for tag, crop_pct in _TIMM_WEIGHTS[name])
+        # DINOv3's distilled ConvNeXts: timm's own network without a classifier (224 px, crop 1.0).
+        timm_weights += (timm_hub_weights(name, "dinov3_lvd1689m", timm_preprocessing(224, 1.0, "bicubic"),
+                                          num_classes=0),)
         register(BackboneSpec(
             name=name,
             family="convnext",

@@ -153,19 +153,25 @@ def resample_pos_embed(posemb, new_grid: int | tuple[int, int], num_prefix_token
     return np.concatenate([prefix, grid], axis=1)
 
 
-def _pos_embed_adapter(*, align_corners: bool, antialias: bool):
-    """SourceSpec.adapt: resample ``pos_embed`` when the model's grid differs."""
+def _pos_embed_adapter(*, align_corners: bool, antialias: bool, num_prefix_tokens: int = 1):
+    """SourceSpec.adapt: resample ``pos_embed`` when the model's grid differs.
+
+    ``num_prefix_tokens`` is how many leading entries are not on the grid: 1
+    for a class token with its own position, 0 where the tokens ahead of the
+    patches have none (DINOv2 with registers, SigLIP without a class token).
+    """
 
     def adapt(path: FlaxPath, value: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray | None:
         if path != ("params", "pos_embed") or value.ndim != 3 or len(target_shape) != 3:
             return None
         if value.shape[0] != target_shape[0] or value.shape[2] != target_shape[2]:
             return None  # another width: a different architecture, not another resolution
-        side = math.isqrt(target_shape[1] - 1)
-        if side * side != target_shape[1] - 1:
+        side = math.isqrt(max(target_shape[1] - num_prefix_tokens, 0))
+        if side * side != target_shape[1] - num_prefix_tokens:
             return None
         try:
-            return resample_pos_embed(value, side, 1, align_corners=align_corners, antialias=antialias)
+            return resample_pos_embed(value, side, num_prefix_tokens, align_corners=align_corners,
+                                      antialias=antialias)
         except ConfigError:
             return None  # not a square grid: reported as a wrong shape
     return adapt
@@ -179,6 +185,21 @@ def _layer_norm(epsilon: float, dtype: Any, name: str) -> LayerNorm:
     # PyTorch's two-pass statistics in float32, with a hand-written backward
     # (why: jaxtl.ops.norm.layer_norm_closed_form).
     return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's ``x * sigmoid(1.702 x)`` (timm's ``quick_gelu``)."""
+    return x * nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+def gelu_tanh(x):
+    """``nn.GELU(approximate="tanh")``: big_vision's GELU."""
+    return nn.gelu(x, approximate=True)
+
+
+# The MLP's activation by timm's name; "swiglu" is timm's SwiGLUPacked (DINOv2 giant).
+ACTIVATIONS = {"gelu": gelu_exact, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh, "swiglu": nn.silu}
+POOLS = ("token", "token_patch_mean", "map")
 
 
 class SelfAttention(nn.Module):
@@ -212,22 +233,43 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1, activation, fc2; with ``act="swiglu"`` fc1 is twice as wide and
+    ``silu(first half) * second half`` feeds fc2 (timm's SwiGLUPacked)."""
+
     hidden: int
     drop_rate: float = 0.0
+    act: str = "gelu"
     dtype: Any = jnp.float32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
         width = x.shape[-1]
-        y = gelu_exact(dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        y = dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        if self.act == "swiglu":
+            gate, value = jnp.split(y, 2, axis=-1)
+            y = nn.silu(gate) * value
+        else:
+            y = ACTIVATIONS[self.act](y)
         y = Dropout(self.drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
         y = dense(width, dtype=self.dtype, name="fc2")(y)
         return Dropout(self.drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (CaiT; DINOv2's ``ls1``/``ls2``)."""
+
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = param(self, "gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
+        return x * gamma.astype(x.dtype)
+
+
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)),
+    each branch scaled by a LayerScale when ``layer_scale`` is set."""
 
     num_heads: int
     mlp_hidden: int
@@ -236,6 +278,8 @@ class EncoderBlock(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    layer_scale: float | None = None
+    act: str = "gelu"
     dtype: Any = jnp.float32
     axis_name: str | None = None
 
@@ -245,11 +289,60 @@ class EncoderBlock(nn.Module):
         y = SelfAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
                           proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, axis_name=self.axis_name,
                           name="attn")(y, deterministic)
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="ls1")(y)
         x = x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
         y = _layer_norm(self.ln_epsilon, self.dtype, "norm2")(x)
-        y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, dtype=self.dtype, axis_name=self.axis_name,
-                name="mlp")(y, deterministic)
+        y = Mlp(hidden=self.mlp_hidden, drop_rate=self.proj_drop_rate, act=self.act, dtype=self.dtype,
+                axis_name=self.axis_name, name="mlp")(y, deterministic)
+        if self.layer_scale is not None:
+            y = LayerScale(self.layer_scale, name="ls2")(y)
         return x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling with one learned query (timm's AttentionPoolLatent,
+    big_vision's MAPHead): the latent attends over the tokens, then a
+    projection and a residual MLP (x + mlp(norm(x)))."""
+
+    num_heads: int
+    mlp_hidden: int
+    ln_epsilon: float = 1e-6
+    act: str = "gelu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        latent = param(self, "latent", nn.initializers.truncated_normal(width ** -0.5), (1, 1, width), jnp.float32)
+        q = dense(width, dtype=self.dtype, name="query")(jnp.broadcast_to(latent.astype(self.dtype), (batch, 1, width)))
+        k = dense(width, dtype=self.dtype, name="key")(x)
+        v = dense(width, dtype=self.dtype, name="value")(x)
+        y = multi_head_attention(q.reshape(batch, 1, self.num_heads, head_dim),
+                                 k.reshape(batch, tokens, self.num_heads, head_dim),
+                                 v.reshape(batch, tokens, self.num_heads, head_dim)).reshape(batch, 1, width)
+        y = dense(width, dtype=self.dtype, name="proj")(y)
+        z = _layer_norm(self.ln_epsilon, self.dtype, "norm")(y)
+        y = y + Mlp(hidden=self.mlp_hidden, act=self.act, dtype=self.dtype, name="mlp")(z, True)
+        return y[:, 0]
+
+
+def check_dimensions(module: nn.Module, family: str) -> None:
+    """One-line errors for a transformer's sizes: positive integers, an image size that is a
+    multiple of the patch, a width divisible by the heads."""
+    for attr in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans", "probe_blocks"):
+        value = getattr(module, attr)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{family} {attr} must be a positive integer, got {value!r}")
+    if module.img_size % module.patch_size:
+        nearest = max(round(module.img_size / module.patch_size), 1) * module.patch_size
+        raise ConfigError(f"{family} img_size {module.img_size} is not a multiple of patch_size {module.patch_size}; "
+                          f"use e.g. img_size={nearest}")
+    if module.embed_dim % module.num_heads:
+        raise ConfigError(f"{family} embed_dim {module.embed_dim} is not divisible by num_heads {module.num_heads}")
+    if module.probe_blocks > module.depth:
+        raise ConfigError(f"{family} probe_blocks={module.probe_blocks} exceeds the {module.depth} blocks")
 
 
 class VisionTransformer(nn.Module):
@@ -264,10 +357,31 @@ class VisionTransformer(nn.Module):
     ``attn_drop_rate``. They are active only with ``train=True`` and only in
     layer groups not named in ``frozen`` (rng stream ``"dropout"``).
 
-    ``features_only=True`` returns the class token after the final norm (the
-    head's input). ``axis_name`` is the axis a train step is mapped over:
-    there is no BatchNorm to synchronise, but dropout and stochastic depth
-    draw each example's mask from its position in the global batch.
+    The options of timm's VisionTransformer that DINOv2, CLIP and SigLIP use:
+    ``class_token`` (SigLIP has none), ``reg_tokens`` (register tokens after
+    the class token), ``no_embed_class`` (the position embedding covers the
+    patches only and is added before the class and register tokens are
+    prepended), ``pre_norm`` (CLIP: a LayerNorm after the embedding, and no
+    bias in the patch projection), ``layer_scale`` (LayerScale's initial
+    value, DINOv2), ``act`` (a key of :data:`ACTIVATIONS`).
+
+    ``pool`` is what the head reads, after the final norm, and what
+    ``features_only=True`` returns:
+
+    * ``"token"``: the class token;
+    * ``"token_patch_mean"``: the class token concatenated with the mean of
+      the patch tokens (registers excluded), DINOv2's linear probe; with
+      ``probe_blocks=n`` the class tokens of the last n blocks (each through
+      the final norm) come first, as in DINOv2's ``create_linear_input``;
+    * ``"map"``: attention pooling with a learned query (SigLIP).
+
+    ``embed_proj=N`` adds CLIP's projection (a Linear to N, timm's ``head`` in
+    its CLIP checkpoints) after the pooling: the features are then the
+    image-text embedding.
+
+    ``axis_name`` is the axis a train step is mapped over: there is no
+    BatchNorm to synchronise, but dropout and stochastic depth draw each
+    example's mask from its position in the global batch.
     """
 
     num_classes: int = 1000
@@ -286,25 +400,37 @@ class VisionTransformer(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False
+    pre_norm: bool = False
+    layer_scale: float | None = None
+    act: str = "gelu"
+    pool: str = "token"
+    probe_blocks: int = 1
+    embed_proj: int = 0
     axis_name: str | None = None
 
     def __post_init__(self):
-        for attr in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans"):
-            value = getattr(self, attr)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"ViT {attr} must be a positive integer, got {value!r}")
-        if self.img_size % self.patch_size:
-            nearest = max(round(self.img_size / self.patch_size), 1) * self.patch_size
-            raise ConfigError(f"ViT img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
-                              f"use e.g. img_size={nearest}")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"ViT embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        check_dimensions(self, "ViT")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"ViT act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"ViT pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.pool != "map" and not self.class_token:
+            raise ConfigError(f"ViT pool={self.pool!r} reads the class token; use class_token=True or pool='map'")
+        if self.probe_blocks > 1 and self.pool != "token_patch_mean":
+            raise ConfigError("ViT probe_blocks > 1 needs pool='token_patch_mean' (DINOv2's linear probe)")
         check_rates(self, "ViT", ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"))
         super().__post_init__()
 
     @property
     def grid_size(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
 
     def _check_input(self, x) -> None:
         if x.ndim != 4:
@@ -322,31 +448,58 @@ class VisionTransformer(nn.Module):
         self._check_input(x)
 
         batch = x.shape[0]
-        width, tokens = self.embed_dim, self.grid_size ** 2 + 1
+        width, patches = self.embed_dim, self.grid_size ** 2
         x = x.astype(self.dtype)
         # Kernel = stride = patch, no padding: one embedding per patch, row-major.
-        x = conv(width, self.patch_size, self.patch_size, 0, use_bias=True, dtype=self.dtype,
+        x = conv(width, self.patch_size, self.patch_size, 0, use_bias=not self.pre_norm, dtype=self.dtype,
                  name="patch_embed")(x)
-        x = x.reshape(batch, self.grid_size ** 2, width)
-        cls_token = param(self, "cls_token", nn.initializers.normal(1e-6), (1, 1, width), jnp.float32)
-        pos_embed = param(self, "pos_embed", nn.initializers.truncated_normal(0.02), (1, tokens, width),
-                               jnp.float32)
-        # Class token first, then the position embedding over all N + 1 tokens.
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)), x], axis=1)
-        x = x + pos_embed.astype(self.dtype)
+        x = x.reshape(batch, patches, width)
+        prefix = []
+        if self.class_token:
+            cls_token = param(self, "cls_token", nn.initializers.normal(1e-6), (1, 1, width), jnp.float32)
+            prefix.append(jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, width)))
+        if self.reg_tokens:
+            reg_token = param(self, "reg_token", nn.initializers.normal(1e-6), (1, self.reg_tokens, width),
+                              jnp.float32)
+            prefix.append(jnp.broadcast_to(reg_token.astype(self.dtype), (batch, self.reg_tokens, width)))
+        positions = patches if self.no_embed_class else patches + self.num_prefix_tokens
+        pos_embed = param(self, "pos_embed", nn.initializers.truncated_normal(0.02), (1, positions, width),
+                          jnp.float32).astype(self.dtype)
+        if self.no_embed_class:
+            x = jnp.concatenate([*prefix, x + pos_embed], axis=1)
+        else:
+            # Class token first, then the position embedding over all N + 1 tokens.
+            x = jnp.concatenate([*prefix, x], axis=1) + pos_embed
         x = Dropout(self.pos_drop_rate, axis_name=self.axis_name)(
             x, deterministic=inference_mode(train, "embed", frozen))
+        if self.pre_norm:
+            x = _layer_norm(self.ln_epsilon, self.dtype, "norm_pre")(x)
 
         hidden = int(width * self.mlp_ratio)
+        probed = []   # outputs of the last probe_blocks blocks
         for i in range(self.depth):
             rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
             block = EncoderBlock(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
                                  ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
-                                 attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate, dtype=self.dtype,
+                                 attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
+                                 layer_scale=self.layer_scale, act=self.act, dtype=self.dtype,
                                  axis_name=self.axis_name, name=f"blocks_{i}")
             x = block(x, inference_mode(train, f"block{i}", frozen))
-        x = _layer_norm(self.ln_epsilon, self.dtype, "norm")(x)
-        features = x[:, 0]
+            if i >= self.depth - self.probe_blocks:
+                probed.append(x)
+        norm = _layer_norm(self.ln_epsilon, self.dtype, "norm")
+        x = norm(x)
+        if self.pool == "token":
+            features = x[:, 0]
+        elif self.pool == "token_patch_mean":
+            class_tokens = [norm(h)[:, 0] for h in probed[:-1]] + [x[:, 0]]
+            patch_mean = x[:, self.num_prefix_tokens:].astype(jnp.float32).mean(axis=1).astype(self.dtype)
+            features = jnp.concatenate([*class_tokens, patch_mean], axis=-1)
+        else:
+            features = AttentionPool(num_heads=self.num_heads, mlp_hidden=hidden, ln_epsilon=self.ln_epsilon,
+                                     act=self.act, dtype=self.dtype, name="attn_pool")(x[:, self.num_prefix_tokens:])
+        if self.embed_proj:
+            features = dense(self.embed_proj, dtype=self.dtype, name="proj")(features)
         if features_only:
             return features.astype(jnp.float32)
         features = Dropout(self.drop_rate, axis_name=self.axis_name)(
@@ -357,55 +510,72 @@ class VisionTransformer(nn.Module):
 # ---------------------------------------------------------------------------
 # Weight names.
 
-_QKV_INDEX = {"query": 0, "key": 1, "value": 2}
+QKV_INDEX = {"query": 0, "key": 1, "value": 2}
 
 
-def _fused_slice(index: int, leaf: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Rows ``index * D : (index + 1) * D`` of a fused (3D, D) / (3D,) tensor, as a Flax leaf."""
+def fused_slice(index: int, leaf: str, parts: int = 3) -> Callable[[np.ndarray], np.ndarray]:
+    """Rows ``index * D : (index + 1) * D`` of a fused (parts * D, D) / (parts * D,) tensor, as a Flax leaf."""
 
     def take(w: np.ndarray) -> np.ndarray:
-        d = w.shape[0] // 3
+        d = w.shape[0] // parts
         part = w[index * d:(index + 1) * d]
         return part.T if leaf == "kernel" else part
     return take
 
 
-def _vit_key_map(names: dict[str, str], block: Callable[[int], str], fused: tuple[str, str]):
-    """A key map from the per-source names of the top-level modules and block parts."""
+def _vit_key_map(names: dict[str, str], block: Callable[[int], str], fused: dict[str, tuple[str, str, tuple]]):
+    """A key map from the per-source names of modules and parameters.
+
+    ``names`` maps a Flax module path ("norm", "mlp/fc1", "attn_pool/proj",
+    relative to its block inside ``blocks_i``) or parameter path
+    ("cls_token", "ls1/gamma") to the PyTorch name; ``fused`` maps a Flax
+    module whose children are slices of one PyTorch tensor ("attn") to
+    (weight key, bias key, the children in row order).
+    """
 
     def key_map(path: FlaxPath):
         collection, *modules, leaf = path
         if collection != "params":
             raise KeyError(f"no PyTorch name for Flax leaf {'/'.join(path)}")
-        if not modules:                              # cls_token, pos_embed
-            return names[leaf]
-        torch_leaf = LEAF_TO_TORCH[(collection, leaf)]
-        top = modules[0]
-        if top.startswith("blocks_"):
-            prefix = block(int(top[len("blocks_"):]))
-            part = tuple(modules[1:])
-            if part[:1] == ("attn",) and part[1:] in (("query",), ("key",), ("value",)):
-                key = f"{prefix}.{fused[0] if leaf == 'kernel' else fused[1]}"
-                return key, _fused_slice(_QKV_INDEX[part[1]], leaf)
-            return f"{prefix}.{names['/'.join(part)]}.{torch_leaf}"
-        return f"{names[top]}.{torch_leaf}"
+        prefix = ""
+        if modules and modules[0].startswith("blocks_"):
+            prefix = block(int(modules[0][len("blocks_"):])) + "."
+            modules = modules[1:]
+        parent, child = "/".join(modules[:-1]), modules[-1] if modules else None
+        if parent in fused and child in fused[parent][2]:
+            weight, bias, parts = fused[parent]
+            return prefix + (weight if leaf == "kernel" else bias), \
+                fused_slice(parts.index(child), leaf, len(parts))
+        own = "/".join([*modules, leaf])
+        if own in names:                             # a parameter of its own: cls_token, ls1/gamma
+            return prefix + names[own]
+        return f"{prefix}{names['/'.join(modules)]}.{LEAF_TO_TORCH[(collection, leaf)]}"
     return key_map
 
 
-timm_key_map = _vit_key_map(
-    {"cls_token": "cls_token", "pos_embed": "pos_embed", "patch_embed": "patch_embed.proj", "norm": "norm",
-     "head": "head", "norm1": "norm1", "norm2": "norm2", "attn/proj": "attn.proj", "mlp/fc1": "mlp.fc1",
-     "mlp/fc2": "mlp.fc2"},
-    lambda i: f"blocks.{i}",
-    ("attn.qkv.weight", "attn.qkv.bias"),
-)
+_TIMM_NAMES = {"cls_token": "cls_token", "reg_token": "reg_token", "pos_embed": "pos_embed",
+               "patch_embed": "patch_embed.proj", "norm_pre": "norm_pre", "norm": "norm", "head": "head",
+               "norm1": "norm1", "norm2": "norm2", "attn/proj": "attn.proj", "mlp/fc1": "mlp.fc1",
+               "mlp/fc2": "mlp.fc2", "ls1/gamma": "ls1.gamma", "ls2/gamma": "ls2.gamma",
+               "attn_pool/latent": "attn_pool.latent", "attn_pool/query": "attn_pool.q",
+               "attn_pool/proj": "attn_pool.proj", "attn_pool/norm": "attn_pool.norm",
+               "attn_pool/mlp/fc1": "attn_pool.mlp.fc1", "attn_pool/mlp/fc2": "attn_pool.mlp.fc2"}
+_TIMM_FUSED = {"attn": ("attn.qkv.weight", "attn.qkv.bias", ("query", "key", "value")),
+               "attn_pool": ("attn_pool.kv.weight", "attn_pool.kv.bias", ("key", "value"))}
+
+timm_key_map = _vit_key_map(_TIMM_NAMES, lambda i: f"blocks.{i}", _TIMM_FUSED)
+
+# CLIP's checkpoints in timm hold the image-text projection as ``head``; jaxtl
+# keeps it in the backbone (``proj``) and puts a new classifier after it.
+timm_clip_key_map = _vit_key_map({**_TIMM_NAMES, "proj": "head", "head": "classifier"}, lambda i: f"blocks.{i}",
+                                 _TIMM_FUSED)
 
 torchvision_key_map = _vit_key_map(
     {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "patch_embed": "conv_proj",
      "norm": "encoder.ln", "head": "heads.head", "norm1": "ln_1", "norm2": "ln_2",
      "attn/proj": "self_attention.out_proj", "mlp/fc1": "mlp.0", "mlp/fc2": "mlp.3"},
     lambda i: f"encoder.layers.encoder_layer_{i}",
-    ("self_attention.in_proj_weight", "self_attention.in_proj_bias"),
+    {"attn": ("self_attention.in_proj_weight", "self_attention.in_proj_bias", ("query", "key", "value"))},
 )
 
 # Each source resamples the position embedding the way its own library does
@@ -418,6 +588,7 @@ torchvision_key_map = _vit_key_map(
 # source keeps its own (jaxtl.convert_state_dict(..., img_size=N) then matches
 # that library loading 224-px weights into its img_size=N model).
 timm_adapt = _pos_embed_adapter(align_corners=False, antialias=True)
+timm_adapt_no_prefix = _pos_embed_adapter(align_corners=False, antialias=True, num_prefix_tokens=0)
 torchvision_adapt = _pos_embed_adapter(align_corners=True, antialias=False)
 
 
@@ -450,11 +621,14 @@ _TORCHVISION_WEIGHTS = {
 }
 
 
-def layer_groups(depth: int):
+def layer_groups(depth: int, embed: Sequence[str] = ("patch_embed", "cls_token", "pos_embed"),
+                 pool: Sequence[str] = ()):
+    """embed, one group per block, the final norm (with ``pool``: the pooling or
+    projection after it, in one group as timm's layer decay has them), head."""
     return (
-        ("embed", (("patch_embed",), ("cls_token",), ("pos_embed",))),
+        ("embed", tuple((name,) for name in embed)),
         *[(f"block{i}", ((f"blocks_{i}",),)) for i in range(depth)],
-        ("norm", (("norm",),)),
+        ("pool", (("norm",), *((name,) for name in pool))) if pool else ("norm", (("norm",),)),
         ("head", (("head",),)),
     )
 

@@ -28,15 +28,15 @@ def multi_head_attention(q, k, v, dropout: Callable | None = None):
     probabilities) is for training with attention dropout; it needs the
     probabilities, so it takes the XLA path.
 
-    On CPU, in float32 with head_dim a multiple of 16 and no dropout, a fused
-    kernel (:mod:`jaxtl.ops.native`) computes the forward and the backward per
-    (image, head) without materialising the heads-first transposes that XLA's
-    batched matmuls need. Elsewhere: XLA's batched matmuls and softmax (float32
-    softmax for any input dtype).
+    On CPU, in float32 with head_dim a multiple of 16, as many queries as keys
+    and no dropout, a fused kernel (:mod:`jaxtl.ops.native`) computes the
+    forward and the backward per (image, head) without materialising the
+    heads-first transposes that XLA's batched matmuls need. Elsewhere: XLA's
+    batched matmuls and softmax (float32 softmax for any input dtype).
     """
     scale = q.shape[-1] ** -0.5
     if (fast_paths_enabled() and dropout is None and q.dtype == k.dtype == v.dtype == jnp.float32
-            and q.shape[-1] % native.ATTENTION_LANES == 0 and native.usable()):
+            and q.shape[1] == k.shape[1] and q.shape[-1] % native.ATTENTION_LANES == 0 and native.usable()):
         return _fused_attention(q, k, v, scale)
     return _attention_xla(q, k, v, scale, dropout)
 

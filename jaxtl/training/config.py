@@ -17,7 +17,7 @@ from jaxtl.data.domains import SHIFTS
 from jaxtl.errors import ConfigError
 from jaxtl.models import as_dtype
 from jaxtl.optim import OptimConfig
-from jaxtl.registry import resolve
+from jaxtl.registry import resolve, split_weights_tag
 from jaxtl.strategies import Strategy
 
 CONFIG_FILE = "config.json"
@@ -86,6 +86,13 @@ class TrainConfig:
             raise ConfigError(f"optim must be a jaxtl.OptimConfig, got {type(self.optim).__name__}")
         if self.cache_features is None:
             self.cache_features = self.strategy.kind == "feature_extract"
+        if isinstance(self.backbone, str):   # timm's "name.tag" names the weights too
+            name, tag = split_weights_tag(self.backbone)
+            if tag is not None:
+                if self.weights_tag is not None and self.weights_tag.lower() != tag.lower():
+                    raise ConfigError(f"--backbone {self.backbone} names weights {tag!r} but --weights-tag says "
+                                      f"{self.weights_tag!r}; give one of them")
+                self.backbone, self.weights_tag = name, tag
 
     @property
     def strategy_name(self) -> str:

@@ -3,7 +3,6 @@ frozen layers come from (every checkpoint records it, since checkpoints hold onl
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +13,7 @@ import numpy as np
 from jaxtl.data.preprocessing import Preprocessing
 from jaxtl.errors import ConfigError
 from jaxtl.export import load_model, read_variables_file
-from jaxtl.models import abstract_variables, create_model, init_variables
+from jaxtl.models import abstract_variables, built_for_one_size, create_model, init_variables
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec
 from jaxtl.training.config import TrainConfig
@@ -39,7 +38,7 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
     """Where the run starts from: pretrained weights (a new head sized by the data), a jaxtl model
     folder, random init, or, for a resume whose weights file is gone, nothing to read at all (when the
     checkpoint holds every layer that still trains)."""
-    model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and _has_img_size(spec) else {}
+    model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and built_for_one_size(spec) else {}
     origin: dict[str, Any] = {}
     if cfg.weights == "none":
         written = out / INITIAL_FILE
@@ -76,7 +75,7 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
     else:
         _, variables, info = load_pretrained(spec.name, source, tag=cfg.weights_tag,
                                              weights_file=cfg.weights_file, allow_download=cfg.allow_download,
-                                             **model_kwargs)
+                                             num_classes=num_classes, seed=cfg.seed, **model_kwargs)
         # Transfer learning: the head is always new, sized by the data.
         variables = replace_head(variables, spec.head_path, num_classes, cfg.seed)
         pre = info.preprocessing
@@ -85,15 +84,3 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
         log(f"weights: {spec.name} {info.source} {info.tag or ''} ({Path(info.file).name}, "
             f"sha256 {info.sha256[:8]}); new {num_classes}-class head")
     return Start(variables, pre.at_size(cfg.img_size) if cfg.img_size else pre, model_kwargs, origin, frozen_ref)
-
-
-def _has_img_size(spec: BackboneSpec) -> bool:
-    import inspect
-
-    ctor = spec.constructor
-    target = getattr(ctor, "func", ctor)
-    try:
-        return "img_size" in inspect.signature(target).parameters or any(
-            f.name == "img_size" for f in dataclasses.fields(target))
-    except (TypeError, ValueError):
-        return False
