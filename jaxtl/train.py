@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never download weights; fail with instructions instead")
     g.add_argument("--img-size", type=int, help="input size (default: the weights'); ViT position embeddings are "
                                                 "resampled")
+    g.add_argument("--probe-blocks", type=int, help="DINOv2/DINOv3: features from the class tokens of the last N "
+                                                    "blocks and the patch mean (default 1; the papers' 4-block "
+                                                    "linear probe: 4)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default float32); parameters "
                                                                     "and optimizer state stay float32")
 

@@ -413,11 +413,13 @@ def test_linear_probe_cli_and_convert_verify_on_a_dinov2_file(tmp_path):
     out = tmp_path / "probe"
     r = run("jaxtl.train", "--backbone", "vit_small_patch14_dinov2.lvd142m", "--weights-file", weights,
             "--strategy", "feature_extract", "--cache-features", "--data", "digits", "--img-size", "56",
-            "--limit-per-class", "10", "--epochs", "2", "--batch-size", "16", "--no-progress", "--output", out)
+            "--probe-blocks", "4", "--limit-per-class", "10", "--epochs", "2", "--batch-size", "16",
+            "--no-progress", "--output", out)
     assert "new 10-class head" in r.stdout + r.stderr
     model, variables, meta = jaxtl.load_model(out)
-    assert meta["backbone"] == "vit_small_patch14_dinov2" and meta["model_kwargs"] == {"img_size": 56}
-    assert variables["params"]["head"]["kernel"].shape == (2 * 384, 10)
+    assert meta["backbone"] == "vit_small_patch14_dinov2"
+    assert meta["model_kwargs"] == {"img_size": 56, "probe_blocks": 4}
+    assert variables["params"]["head"]["kernel"].shape == (5 * 384, 10)   # 4 class tokens + the patch mean
     assert variables["params"]["pos_embed"].shape == (1, 1 + 4 * 4, 384)   # resampled from 37 x 37
 
     r = run("jaxtl.convert", "--backbone", "vit_small_patch14_dinov2", "--weights-file", weights, "--img-size", "56",
@@ -428,3 +430,8 @@ def test_linear_probe_cli_and_convert_verify_on_a_dinov2_file(tmp_path):
                          text=True, timeout=300)
     assert bad.returncode != 0 and "no classifier" in bad.stderr and "--num-classes" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run([sys.executable, "-m", "jaxtl.train", "--backbone", "resnet18", "--weights", "none",
+                          "--probe-blocks", "4", "--img-size", "32", "--limit-per-class", "2", "--no-progress",
+                          "--output", str(tmp_path / "r18")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--probe-blocks is for backbones" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "r18").exists()

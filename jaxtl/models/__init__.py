@@ -58,18 +58,23 @@ def create_model(name: str, num_classes: int = 1000, *, source: str | None = Non
         raise ConfigError(f"{spec.name} does not accept these options: {e}") from None
 
 
-def built_for_one_size(spec: BackboneSpec) -> bool:
-    """Whether the backbone is built for one image size (a ViT's ``img_size``) rather than taking any."""
+def has_option(spec: BackboneSpec, option: str) -> bool:
+    """Whether the backbone's module takes ``option`` (a field or constructor argument)."""
     import dataclasses
     import inspect
 
     ctor = spec.constructor
     target = getattr(ctor, "func", ctor)
     try:
-        return "img_size" in inspect.signature(target).parameters or any(
-            f.name == "img_size" for f in dataclasses.fields(target))
+        return option in inspect.signature(target).parameters or any(
+            f.name == option for f in dataclasses.fields(target))
     except (TypeError, ValueError):
         return False
+
+
+def built_for_one_size(spec: BackboneSpec) -> bool:
+    """Whether the backbone is built for one image size (a ViT's ``img_size``) rather than taking any."""
+    return has_option(spec, "img_size")
 
 
 def input_size_of(model, spec: BackboneSpec) -> int:

@@ -51,6 +51,7 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int | None = None
     img_size: int | None = None
+    probe_blocks: int | None = None        # DINOv2/DINOv3: class tokens of the last N blocks in the features
     dtype: str = "float32"
     label_smoothing: float = 0.0
     hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
@@ -167,6 +168,8 @@ class TrainConfig:
             raise ConfigError(f"--color-jitter must be >= 0, got {self.color_jitter}")
         if self.img_size is not None and self.img_size < 16:
             raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
+        if self.probe_blocks is not None and self.probe_blocks < 1:
+            raise ConfigError(f"--probe-blocks must be >= 1, got {self.probe_blocks}")
         if self.export not in ("last", "best"):
             raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
         if self.keep_checkpoints < 1:

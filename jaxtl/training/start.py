@@ -13,7 +13,7 @@ import numpy as np
 from jaxtl.data.preprocessing import Preprocessing
 from jaxtl.errors import ConfigError
 from jaxtl.export import load_model, read_variables_file
-from jaxtl.models import abstract_variables, built_for_one_size, create_model, init_variables
+from jaxtl.models import abstract_variables, built_for_one_size, create_model, has_option, init_variables
 from jaxtl.pretrained import load_pretrained, replace_head
 from jaxtl.registry import BackboneSpec
 from jaxtl.training.config import TrainConfig
@@ -39,6 +39,11 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
     folder, random init, or, for a resume whose weights file is gone, nothing to read at all (when the
     checkpoint holds every layer that still trains)."""
     model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and built_for_one_size(spec) else {}
+    if cfg.probe_blocks is not None:
+        if not has_option(spec, "probe_blocks"):
+            raise ConfigError(f"--probe-blocks is for backbones whose features read several blocks (DINOv2, "
+                              f"DINOv3); {spec.name} has none")
+        model_kwargs["probe_blocks"] = cfg.probe_blocks
     origin: dict[str, Any] = {}
     if cfg.weights == "none":
         written = out / INITIAL_FILE
@@ -58,6 +63,11 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
         if int(meta["num_classes"]) != num_classes:
             variables = replace_head(variables, spec.head_path, num_classes, cfg.seed)
         pre = Preprocessing.from_dict(meta["preprocessing"])
+        if meta.get("model_kwargs", {}).get("probe_blocks", 1) != model_kwargs.get("probe_blocks", 1) \
+                and "probe_blocks" in model_kwargs:
+            raise ConfigError(f"--weights-file {cfg.weights_file} was trained with probe_blocks="
+                              f"{meta['model_kwargs'].get('probe_blocks', 1)}; its head reads those features: "
+                              "drop --probe-blocks or give the same")
         model_kwargs = {**meta.get("model_kwargs", {}), **model_kwargs}
         origin = {"weights": str(cfg.weights_file)}
         frozen_ref = {"file": str((model_dir / "model.msgpack").absolute()),
