@@ -74,6 +74,10 @@ def load_pretrained(name: str, source: str | None = None, *, tag: str | None = N
 
     ``num_classes`` different from the checkpoint's replaces the head with a
     fresh one (the transfer-learning case); None keeps the checkpoint's head.
+    A checkpoint without a classifier (DINOv2, CLIP's and SigLIP's image
+    towers) needs ``num_classes``: its head is always new
+    (:class:`~jaxtl.errors.HeadlessCheckpoint` otherwise). ``name`` may be
+    timm's ``model.tag``.
     """
     name, name_tag = split_weights_tag(name)
     if name_tag is not None and tag is not None and tag.lower() != name_tag.lower():

@@ -47,13 +47,14 @@ def _sources(spec: BackboneSpec) -> str:
 
 def table(names: list[str], params: bool) -> str:
     lines = []
+    width = max([len(n) for n in names] + [len("name")])
     for name in names:
         spec, _ = resolve(name)
-        row = f"{name:<28} {spec.family:<13} {spec.preprocessing.input_size:>4} px  "
+        row = f"{name:<{width}} {spec.family:<13} {spec.preprocessing.input_size:>4} px  "
         if params:
             row += f"{parameter_count(spec) / 1e6:7.1f} M  "
         lines.append(row + _sources(spec))
-    header = f"{'name':<28} {'family':<13} {'input':>7}  " + ("params     " if params else "") + "sources (weight tags)"
+    header = f"{'name':<{width}} {'family':<13} {'input':>7}  " + ("params     " if params else "") + "sources (weight tags)"
     return "\n".join([header, *lines])
 
 
