@@ -54,7 +54,8 @@ def table(names: list[str], params: bool) -> str:
         if params:
             row += f"{parameter_count(spec) / 1e6:7.1f} M  "
         lines.append(row + _sources(spec))
-    header = f"{'name':<{width}} {'family':<13} {'input':>7}  " + ("params     " if params else "") + "sources (weight tags)"
+    header = (f"{'name':<{width}} {'family':<13} {'input':>7}  " + ("params     " if params else "")
+              + "sources (weight tags)")
     return "\n".join([header, *lines])
 
 

@@ -57,7 +57,8 @@ def _register_all() -> None:
     for size, (width, depth, heads, act, mlp_ratio) in _SIZES.items():
         for registers in (0, 4):
             name = f"vit_{size}_patch14_{'reg4_' if registers else ''}dinov2"
-            source = SourceSpec("timm", name, timm_key_map, (timm_hub_weights(name, TAG, PREPROCESSING, num_classes=0),),
+            weights = (timm_hub_weights(name, TAG, PREPROCESSING, num_classes=0),)
+            source = SourceSpec("timm", name, timm_key_map, weights,
                                 adapt=timm_adapt_no_prefix if registers else timm_adapt,
                                 reference_features=reference_features)
             register(BackboneSpec(

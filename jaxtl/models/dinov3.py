@@ -62,9 +62,9 @@ import numpy as np
 import flax.linen as nn
 
 from jaxtl.errors import ConfigError
-from jaxtl.models.layers import (Dropout, LayerNorm, check_rates, conv, dense, inference_mode, multi_head_attention,
-                                 param, stochastic_depth)
-from jaxtl.models.vit import QKV_INDEX, LayerScale, Mlp, check_dimensions, fused_slice
+from jaxtl.models.layers import (Dropout, LayerNorm, check_rates, conv, dense, inference_mode, param, stochastic_depth)
+from jaxtl.models.vit import QKV_INDEX, LayerScale, Mlp, SelfAttention, check_dimensions, fused_slice, \
+    linear_probe_features
 from jaxtl.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -105,6 +105,12 @@ def rope_sin_cos(grid_h: int, grid_w: int, head_dim: int, temperature: float = 1
     return np.concatenate([sin, sin], -1), np.concatenate([cos, cos], -1)
 
 
+def rotate_patches(t, sin, cos):
+    """Rope on the patch tokens of q or k; the class and register tokens are not rotated."""
+    p = NUM_PREFIX_TOKENS
+    return jnp.concatenate([t[:, :p], apply_rope(t[:, p:], sin, cos)], axis=1)
+
+
 def apply_rope(x, sin, cos):
     """``x cos + rotate_half(x) sin`` on (batch, tokens, heads, head_dim); sin/cos (tokens, head_dim)."""
     half = x.shape[-1] // 2
@@ -116,39 +122,6 @@ def apply_rope(x, sin, cos):
 
 # ---------------------------------------------------------------------------
 # The network.
-
-
-class RopeAttention(nn.Module):
-    """Self-attention with separate q/k/v projections and rope on the patch tokens' q and k."""
-
-    num_heads: int
-    qkv_bias: bool = False
-    attn_drop_rate: float = 0.0
-    proj_drop_rate: float = 0.0
-    dtype: Any = jnp.float32
-    axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x, sin, cos, deterministic: bool):
-        batch, tokens, width = x.shape
-        head_dim = width // self.num_heads
-
-        def heads(t):
-            return t.reshape(batch, tokens, self.num_heads, head_dim)
-
-        # timm's k_bias is a zero buffer: only q and v have a bias in the _qkvb variants.
-        q = heads(dense(width, dtype=self.dtype, use_bias=self.qkv_bias, name="query")(x))
-        k = heads(dense(width, dtype=self.dtype, use_bias=False, name="key")(x))
-        v = heads(dense(width, dtype=self.dtype, use_bias=self.qkv_bias, name="value")(x))
-        p = NUM_PREFIX_TOKENS
-        q = jnp.concatenate([q[:, :p], apply_rope(q[:, p:], sin, cos)], axis=1)
-        k = jnp.concatenate([k[:, :p], apply_rope(k[:, p:], sin, cos)], axis=1)
-        # Created even when unused so the projection dropout keeps its name and random stream.
-        attn_dropout = Dropout(self.attn_drop_rate, axis_name=self.axis_name)
-        dropout = partial(attn_dropout, deterministic=False) if self.attn_drop_rate > 0 and not deterministic else None
-        y = multi_head_attention(q, k, v, dropout).reshape(batch, tokens, width)
-        y = dense(width, dtype=self.dtype, name="proj")(y)
-        return Dropout(self.proj_drop_rate, axis_name=self.axis_name)(y, deterministic=deterministic)
 
 
 class SwiGLU(nn.Module):
@@ -186,9 +159,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, sin, cos, deterministic: bool):
         y = LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name="norm1")(x)
-        y = RopeAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, attn_drop_rate=self.attn_drop_rate,
-                          proj_drop_rate=self.proj_drop_rate, dtype=self.dtype, axis_name=self.axis_name,
-                          name="attn")(y, sin, cos, deterministic)
+        # timm's k_bias is a zero buffer: only q and v have a bias in the _qkvb variants.
+        attn = SelfAttention(num_heads=self.num_heads, qkv_bias=self.qkv_bias, key_bias=False,
+                             attn_drop_rate=self.attn_drop_rate, proj_drop_rate=self.proj_drop_rate, dtype=self.dtype,
+                             axis_name=self.axis_name, name="attn")
+        y = attn(y, deterministic, partial(rotate_patches, sin=sin, cos=cos))
         y = LayerScale(init_value=self.layer_scale_init, name="ls1")(y)
         x = x + stochastic_depth(self, y, self.drop_path_rate, deterministic, self.axis_name)
         y = LayerNorm(epsilon=self.ln_epsilon, dtype=self.dtype, name="norm2")(x)
@@ -295,11 +270,8 @@ class DinoV3ViT(nn.Module):
                           drop_path_rate=rate, dtype=self.dtype, axis_name=self.axis_name, name=f"blocks_{i}")
             x = block(x, sin, cos, inference_mode(train, f"block{i}", frozen))
             if self.depth - self.probe_blocks <= i < self.depth - 1:
-                # LayerNorm is per token: normalising the class token alone is norm(x)[:, 0].
-                class_tokens.append(norm(x[:, 0]))
-        x = norm(x)
-        patch_mean = jnp.mean(x[:, NUM_PREFIX_TOKENS:].astype(jnp.float32), axis=1).astype(x.dtype)
-        features = jnp.concatenate([*class_tokens, x[:, 0], patch_mean], axis=-1)
+                class_tokens.append(x[:, 0])
+        features = linear_probe_features(norm, class_tokens, norm(x), NUM_PREFIX_TOKENS)
         if features_only:
             return features.astype(jnp.float32)
         features = Dropout(self.drop_rate, axis_name=self.axis_name)(

@@ -203,17 +203,23 @@ POOLS = ("token", "token_patch_mean", "map")
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections."""
+    """Multi-head self-attention with separate q/k/v projections.
+
+    ``key_bias=False`` drops the key's bias alone (DINOv3's ``_qkvb``: q and v
+    only). ``rotate``, if given, maps q and k (batch, tokens, heads, head_dim)
+    before the scores: rotary position embeddings.
+    """
 
     num_heads: int
     qkv_bias: bool = True
+    key_bias: bool | None = None   # None: as qkv_bias
     attn_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
     dtype: Any = jnp.float32
     axis_name: str | None = None   # the axis a train step is mapped over: dropout masks per global example
 
     @nn.compact
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x, deterministic: bool, rotate: Callable | None = None):
         batch, tokens, width = x.shape
         head_dim = width // self.num_heads
         proj = partial(dense, width, dtype=self.dtype, use_bias=self.qkv_bias)
@@ -222,8 +228,10 @@ class SelfAttention(nn.Module):
             return t.reshape(batch, tokens, self.num_heads, head_dim)
 
         q = heads(proj(name="query")(x))
-        k = heads(proj(name="key")(x))
+        k = heads(proj(name="key", use_bias=self.qkv_bias if self.key_bias is None else self.key_bias)(x))
         v = heads(proj(name="value")(x))
+        if rotate is not None:
+            q, k = rotate(q), rotate(k)
         # Created even when unused: the proj dropout keeps its name (Dropout_1) and its random stream.
         attn_dropout = Dropout(self.attn_drop_rate, axis_name=self.axis_name)
         dropout = partial(attn_dropout, deterministic=False) if self.attn_drop_rate > 0 and not deterministic else None
@@ -326,6 +334,13 @@ class AttentionPool(nn.Module):
         z = _layer_norm(self.ln_epsilon, self.dtype, "norm")(y)
         y = y + Mlp(hidden=self.mlp_hidden, act=self.act, dtype=self.dtype, name="mlp")(z, True)
         return y[:, 0]
+
+
+def linear_probe_features(norm, class_tokens: Sequence, x, num_prefix_tokens: int):
+    """DINOv2's linear-probe input: the earlier blocks' class tokens (each through the final ``norm``; it
+    is per token), the last block's (``x``, normed), then the mean of its patch tokens (registers excluded)."""
+    patch_mean = x[:, num_prefix_tokens:].astype(jnp.float32).mean(axis=1).astype(x.dtype)
+    return jnp.concatenate([*(norm(t) for t in class_tokens), x[:, 0], patch_mean], axis=-1)
 
 
 def check_dimensions(module: nn.Module, family: str) -> None:
@@ -476,7 +491,7 @@ class VisionTransformer(nn.Module):
             x = _layer_norm(self.ln_epsilon, self.dtype, "norm_pre")(x)
 
         hidden = int(width * self.mlp_ratio)
-        probed = []   # outputs of the last probe_blocks blocks
+        class_tokens = []   # of the blocks before the last among the probed ones
         for i in range(self.depth):
             rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
             block = EncoderBlock(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
@@ -485,16 +500,14 @@ class VisionTransformer(nn.Module):
                                  layer_scale=self.layer_scale, act=self.act, dtype=self.dtype,
                                  axis_name=self.axis_name, name=f"blocks_{i}")
             x = block(x, inference_mode(train, f"block{i}", frozen))
-            if i >= self.depth - self.probe_blocks:
-                probed.append(x)
+            if self.depth - self.probe_blocks <= i < self.depth - 1:
+                class_tokens.append(x[:, 0])
         norm = _layer_norm(self.ln_epsilon, self.dtype, "norm")
         x = norm(x)
         if self.pool == "token":
             features = x[:, 0]
         elif self.pool == "token_patch_mean":
-            class_tokens = [norm(h)[:, 0] for h in probed[:-1]] + [x[:, 0]]
-            patch_mean = x[:, self.num_prefix_tokens:].astype(jnp.float32).mean(axis=1).astype(self.dtype)
-            features = jnp.concatenate([*class_tokens, patch_mean], axis=-1)
+            features = linear_probe_features(norm, class_tokens, x, self.num_prefix_tokens)
         else:
             features = AttentionPool(num_heads=self.num_heads, mlp_hidden=hidden, ln_epsilon=self.ln_epsilon,
                                      act=self.act, dtype=self.dtype, name="attn_pool")(x[:, self.num_prefix_tokens:])
