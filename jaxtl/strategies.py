@@ -14,6 +14,10 @@ for a ResNet; ``embed, block0..block11, norm, head`` for a ViT-B).
   ``(epoch, group)`` pairs of ``unfreeze_at`` (fastai's ``freeze_to``, Lightning's
   ``BackboneFinetuning``). Each stage is a fixed set of frozen groups; the
   optimizer state of groups that were already training is carried over.
+* ``lp_ft`` - LP-FT (Kumar et al., ICLR 2022): a linear probe for ``lp_epochs`` (the backbone
+  frozen), then fine-tuning of everything from the probed head, as ``finetune`` does.
+* ``lora`` - the backbone frozen; low-rank adapters on its kernels train beside the head
+  (:mod:`jaxtl.lora`, a re-parametrisation of the parameter tree, not a change to the models).
 
 Per-group learning-rate multipliers for trainable backbone groups, at most one of:
 ``lr_mults`` (explicit, like per-layer Adam param groups), ``lr_spread`` (the first
@@ -38,7 +42,9 @@ from flax import traverse_util
 from jaxtl.errors import ConfigError
 from jaxtl.registry import BackboneSpec
 
-STRATEGIES = ("feature_extract", "finetune", "progressive")
+STRATEGIES = ("feature_extract", "finetune", "progressive", "lp_ft", "lora")
+# Strategies whose backbone never trains in full (features, or adapters beside it).
+BACKBONE_FROZEN = ("feature_extract", "lora")
 FROZEN = "frozen"
 NO_DECAY_SUFFIX = "/no_decay"
 # Parameters an objective adds beside the backbone's (jaxtl.training.objectives), under top-level
@@ -77,6 +83,7 @@ class Strategy:
     lr_mults: Mapping[str, float] | None = field(default=None, hash=False)
     lr_spread: float | None = None
     layer_decay: float | None = None
+    lp_epochs: int | None = None      # lp_ft: epochs of the linear probe before fine-tuning
 
     def __post_init__(self):
         if self.kind not in STRATEGIES:
@@ -94,8 +101,12 @@ class Strategy:
             raise ConfigError(f"unfreeze_every must be >= 1 epoch, got {self.unfreeze_every}")
         if self.unfreeze_at and self.kind != "progressive":
             raise ConfigError(f"unfreeze_at is a progressive schedule; it does not apply to {self.kind}")
-        if self.kind == "feature_extract" and (self.freeze_until or self.unfreeze_at):
-            raise ConfigError("feature_extract freezes the whole backbone; freeze_until/unfreeze_at do not apply")
+        if self.kind in BACKBONE_FROZEN and self.freeze_until:
+            raise ConfigError(f"{self.kind} freezes the whole backbone; freeze_until does not apply")
+        if self.lp_epochs is not None and self.kind != "lp_ft":
+            raise ConfigError(f"lp_epochs is the linear-probe phase of lp_ft; it does not apply to {self.kind}")
+        if self.kind == "lp_ft" and self.lp_epochs is not None and self.lp_epochs < 1:
+            raise ConfigError(f"lp_epochs must be >= 1, got {self.lp_epochs}")
 
     # -- which groups train when ------------------------------------------------
 
@@ -128,11 +139,15 @@ class Strategy:
 
     def frozen_groups(self, spec: BackboneSpec, epoch: int = 0) -> tuple[str, ...]:
         groups = spec.group_names
-        if self.kind == "feature_extract":
+        if self.kind in BACKBONE_FROZEN:
             return groups[:-1]
         floor = self._floor(spec)
         if self.kind == "finetune":
             return groups[:floor]
+        if self.kind == "lp_ft":
+            if self.lp_epochs is None:
+                raise ConfigError("lp_ft needs lp_epochs, the epochs of its linear probe")
+            return groups[:-1] if epoch < self.lp_epochs else groups[:floor]
         starts = self._unfreeze_epochs(spec)
         return tuple(g for g in groups[:-1] if g not in starts or epoch < starts[g])
 

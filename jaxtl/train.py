@@ -99,11 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="decoding threads (default 2)")
 
     g = p.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive", "dann"],
+    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive", "lp_ft", "lora", "dann"],
                    help=f"feature_extract: only the head trains; finetune: everything trains, the backbone at "
                         f"--backbone-lr-mult; progressive: feature extraction, then backbone groups unfreeze top-down; "
+                        f"lp_ft: a linear probe for --lp-epochs, then finetune from its head; lora: low-rank "
+                        f"adapters on the frozen backbone, and the head; "
                         f"dann: finetune plus domain-adversarial training towards --target-data "
                         f"(default {d['strategy']})")
+    g.add_argument("--lp-epochs", type=int, help="lp_ft: epochs of the linear probe (default: half of --epochs)")
+    g.add_argument("--lora-rank", type=int, help="lora: rank of the adapters (default 8)")
+    g.add_argument("--lora-alpha", type=float, help="lora: updates are scaled by alpha / rank (default 8)")
+    g.add_argument("--lora-targets", help="lora: regular expression over kernel paths (default: the attention "
+                                          "query/key/value/proj kernels; without attention, 1x1 convolutions and "
+                                          "Dense kernels); python -m jaxtl.models NAME shows them")
+    g.add_argument("--lora-dropout", type=float, help="lora: dropout on the adapters' inputs (default 0)")
+    g.add_argument("--l2sp", type=float, help="L2-SP: weight of ||backbone - pretrained||^2 / 2 in the loss, in "
+                                              "place of the backbone's weight decay (default 0: off)")
+    g.add_argument("--wise-ft", type=float, help="WiSE-FT: export (1 - A) x pretrained + A x fine-tuned backbone "
+                                                 "(the fine-tuned head kept), A in [0, 1]")
     g.add_argument("--backbone-lr-mult", type=float, help="backbone learning rate = head rate x this (default 0.1)")
     g.add_argument("--freeze-until", help="keep the layer groups up to and including this one frozen; a backbone's "
                                           "groups: python -m jaxtl.models NAME")
@@ -206,7 +219,8 @@ def config_from_args(args: argparse.Namespace):
         top["cache_features"] = None  # decided by the strategy: on for feature_extract
 
     strategy_map = {"strategy": "kind", "backbone_lr_mult": "backbone_lr_mult", "freeze_until": "freeze_until",
-                    "unfreeze_every": "unfreeze_every", "layer_decay": "layer_decay", "lr_spread": "lr_spread"}
+                    "unfreeze_every": "unfreeze_every", "layer_decay": "layer_decay", "lr_spread": "lr_spread",
+                    "lp_epochs": "lp_epochs"}
     optim_map = {"opt": "opt", "lr": "lr", "momentum": "momentum", "nesterov": "nesterov",
                  "weight_decay": "weight_decay", "sched": "sched", "warmup_epochs": "warmup_epochs",
                  "min_lr_ratio": "min_lr_ratio", "step_epochs": "step_epochs", "gamma": "gamma",

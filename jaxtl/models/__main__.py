@@ -73,7 +73,19 @@ def details(name: str) -> str:
     out.append("layer groups, input to head (--freeze-until G keeps G and those before it frozen):")
     for group, size in group_sizes(spec).items():
         out.append(f"  {group:<12} {size:>12,} parameters")
+    out.append(lora_line(spec))
     return "\n".join(out)
+
+
+def lora_line(spec: BackboneSpec) -> str:
+    """Which kernels ``--strategy lora`` adapts by default (``--lora-targets`` matches these paths)."""
+    from jaxtl.lora import select_targets
+    from jaxtl.models import abstract_variables, create_model
+
+    params = abstract_variables(create_model(spec.name, 1000), spec)["params"]
+    targets = ["/".join(t) for t in select_targets(params, spec.head_path, None)]
+    shown = ", ".join(targets[:3]) + (", ..." if len(targets) > 3 else "")
+    return f"LoRA's default targets (--strategy lora): {len(targets)} kernels: {shown}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from jaxtl.data.domains import SHIFTS
 from jaxtl.errors import ConfigError
+from jaxtl.lora import LoraConfig
 from jaxtl.models import as_dtype
 from jaxtl.optim import OptimConfig
 from jaxtl.registry import resolve, split_weights_tag
-from jaxtl.strategies import Strategy
+from jaxtl.strategies import BACKBONE_FROZEN, Strategy
 
 CONFIG_FILE = "config.json"
 OBJECTIVES = ("classification", "dann")
@@ -66,6 +67,12 @@ class TrainConfig:
                                            # every strategy reports accuracy on their validation split
     domain_weight: float = 1.0             # dann: weight of the domain loss
     dann_separate_bn: bool = False         # dann: per-domain batch statistics in training (two passes)
+    lora_rank: int = 8                     # lora: rank of the adapters
+    lora_alpha: float = 8.0                # lora: the update is scaled by alpha / rank
+    lora_targets: str | None = None        # lora: regex over kernel paths (default: attention or 1x1 kernels)
+    lora_dropout: float = 0.0              # lora: dropout on the adapters' inputs (a mask per step)
+    l2sp: float = 0.0                      # L2-SP: weight of ||backbone - pretrained||^2 / 2 in the loss
+    wise_ft: float | None = None           # WiSE-FT: export (1 - a) x pretrained + a x fine-tuned backbone
     mapping: str = "shard_map"
     workers: int = 2
     keep_checkpoints: int = 2
@@ -75,7 +82,7 @@ class TrainConfig:
     progress: bool = True
 
     # Options that may differ between a run and its resumption.
-    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download")
+    RESUMABLE_CHANGES = ("output", "resume", "workers", "progress", "allow_download", "wise_ft")
 
     def __post_init__(self):
         if isinstance(self.strategy, str):
@@ -87,6 +94,9 @@ class TrainConfig:
             raise ConfigError(f"optim must be a jaxtl.OptimConfig, got {type(self.optim).__name__}")
         if self.cache_features is None:
             self.cache_features = self.strategy.kind == "feature_extract"
+        if self.strategy.kind == "lp_ft" and self.strategy.lp_epochs is None and isinstance(self.epochs, int):
+            # Without --lp-epochs, half the run probes and half fine-tunes.
+            self.strategy = dataclasses.replace(self.strategy, lp_epochs=max(1, self.epochs // 2))
         if isinstance(self.backbone, str):   # timm's "name.tag" names the weights too
             name, tag = split_weights_tag(self.backbone)
             if tag is not None:
@@ -94,6 +104,10 @@ class TrainConfig:
                     raise ConfigError(f"--backbone {self.backbone} names weights {tag!r} but --weights-tag says "
                                       f"{self.weights_tag!r}; give one of them")
                 self.backbone, self.weights_tag = name, tag
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_dropout)
 
     @property
     def strategy_name(self) -> str:
@@ -170,6 +184,34 @@ class TrainConfig:
             raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
         if self.probe_blocks is not None and self.probe_blocks < 1:
             raise ConfigError(f"--probe-blocks must be >= 1, got {self.probe_blocks}")
+        kind = self.strategy.kind
+        if kind == "lora":
+            self.lora  # noqa: B018 - checks the LoRA options
+            if self.objective == DANN:
+                raise ConfigError("--strategy dann trains the backbone in full; LoRA adapters with DANN are not "
+                                  "supported: use one of them")
+        elif (self.lora_targets is not None or self.lora_dropout or self.lora_rank != 8
+              or self.lora_alpha != 8.0):
+            raise ConfigError(f"--lora-* options configure --strategy lora; this run's strategy is {kind}")
+        if kind == "lp_ft" and self.strategy.lp_epochs >= self.epochs:
+            raise ConfigError(f"--lp-epochs {self.strategy.lp_epochs} leaves no fine-tuning in {self.epochs} epochs; "
+                              f"give --epochs above it")
+        if self.l2sp < 0:
+            raise ConfigError(f"--l2sp must be >= 0, got {self.l2sp}")
+        if self.l2sp and (kind in BACKBONE_FROZEN or self.objective == DANN):
+            raise ConfigError(f"--l2sp pulls a backbone that trains towards its pretrained values; "
+                              f"{self.strategy_name} does not train the backbone through this loss: use finetune, "
+                              "progressive or lp_ft")
+        if self.l2sp and self.weights == "none":
+            raise ConfigError("--l2sp needs pretrained weights to pull towards; drop --weights none")
+        if self.wise_ft is not None:
+            if not 0 <= self.wise_ft <= 1:
+                raise ConfigError(f"--wise-ft must be in [0, 1] (0: pretrained, 1: fine-tuned), got {self.wise_ft}")
+            if kind == "feature_extract":
+                raise ConfigError("--wise-ft interpolates a fine-tuned backbone with the pretrained one; "
+                                  "feature_extract leaves the backbone as it was")
+            if self.weights == "none":
+                raise ConfigError("--wise-ft interpolates towards pretrained weights; drop --weights none")
         if self.export not in ("last", "best"):
             raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
         if self.keep_checkpoints < 1:

@@ -51,11 +51,12 @@ from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, ProcessLost, TrainingError
 from jaxtl.export import save_model, write_variables_file
+from jaxtl.lora import LORA_KEY, apply_factors, count as count_params, init_factors, merge_factors, select_targets
 from jaxtl.models import create_model
 from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.registry import resolve
-from jaxtl.strategies import (Stage, all_labels, check_label_tree, label_tree, split_variables, stage_at,
-                              trainable_labels)
+from jaxtl.strategies import (NO_DECAY_SUFFIX, Stage, all_labels, check_label_tree, label_tree, split_variables,
+                              stage_at, trainable_labels)
 from jaxtl.training.config import CONFIG_FILE, TrainConfig
 from jaxtl.training.evaluation import accumulate, metrics
 from jaxtl.training.feature_cache import cache_features
@@ -66,7 +67,9 @@ from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, conf
                                    plot_confusion, plot_curves)
 from jaxtl.training.start import starting_point
 from jaxtl.training.state import TrainState, create_train_state, merge
-from jaxtl.training.step import (head_forward, make_eval_step, map_eval, pack_metrics, scan_steps, unpack_metrics)
+from jaxtl.training.step import (L2SP_REFERENCE, head_forward, make_eval_step, map_eval, pack_metrics, scan_steps,
+                                 unpack_metrics)
+from jaxtl.wise_ft import interpolate
 from jaxtl.weights import sha256_file
 
 BAD_FILES = "skipped_files.txt"
@@ -209,6 +212,11 @@ class Trainer:
                                   axis_name=AXIS, **self.model_kwargs)
         if self.objective.extra_keys:  # the objective's own parameters, beside the backbone's
             self.variables["params"].update(self.objective.init_params(self._num_features(), cfg.seed))
+        # Parameters beside the backbone's, under top-level keys of their own: they always train.
+        self.extra_keys = tuple(self.objective.extra_keys)
+        self.reparam = None
+        if cfg.strategy.kind == "lora":
+            self._add_lora()
         self.head_drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
@@ -250,6 +258,29 @@ class Trainer:
             if self.primary:
                 _write_atomically(self.out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
+    def _add_lora(self) -> None:
+        """LoRA's factors join the parameters under their own key; the model sees them folded into
+        the frozen kernels (:mod:`jaxtl.lora`)."""
+        lora = self.cfg.lora
+        params = self.variables["params"]
+        targets = select_targets(params, self.spec.head_path, lora.targets)
+        params[LORA_KEY] = init_factors(params, targets, lora.rank, self.cfg.seed)
+        self.extra_keys += (LORA_KEY,)
+        scale, dropout = lora.scale, lora.dropout
+
+        def reparam(variables, key):
+            return {**variables, "params": apply_factors(variables["params"], scale, dropout, key)}
+
+        self.reparam = reparam
+        self._fold = jax.jit(lambda v: {**v, "params": apply_factors(v["params"], scale)})
+        factors = count_params(params[LORA_KEY])
+        head = count_params(_at(params, self.spec.head_path))
+        base = count_params({k: v for k, v in params.items() if k != LORA_KEY})
+        self.log(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {len(targets)} kernels "
+                 f"({'/'.join(targets[0][:-1])}, ...): {factors + head:,} trainable parameters "
+                 f"({factors:,} in adapters + {head:,} in the head), {100 * (factors + head) / base:.2f}% "
+                 f"of the model's {base:,}")
+
     def _check_resume_config(self) -> None:
         path = self.out / CONFIG_FILE
         try:
@@ -283,6 +314,8 @@ class Trainer:
 
     def _resume_needs_frozen(self) -> bool:
         """Whether the stages left to a resumed run freeze anything (then the starting values are needed)."""
+        if self.cfg.l2sp:  # the pretrained values are L2-SP's reference
+            return True
         record = self.ckpts.record(self.ckpts.latest_step())
         return any(stage.frozen for stage in self.stages[int(record["stage"]):])
 
@@ -320,9 +353,11 @@ class Trainer:
     def compiled(self, stage: Stage) -> "_StageSteps":
         """What a stage trains with, built once: its labels, optimizer, mapped train step and frozen variables."""
         if stage.index not in self._compiled:
-            labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.objective.extra_keys)
+            labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys)
             check_label_tree(labels, self.variables["params"])
             labels = trainable_labels(labels)
+            if self.cfg.l2sp:  # L2-SP replaces the backbone's decay towards zero; the head keeps its own
+                labels = _no_decay_except(labels, self.spec.group_names[-1])
             tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                 self.cfg.epochs)
             step = self.objective.make_step(self, stage, tx)
@@ -333,8 +368,16 @@ class Trainer:
             else:
                 mapped = self.dp.train_step(step)
                 frozen = self._split(self.variables, stage.frozen)[1]
+                if self.cfg.l2sp:
+                    frozen[L2SP_REFERENCE] = self._l2sp_reference(stage)
             self._compiled[stage.index] = _StageSteps(labels, tx, mapped, self.dp.replicate(frozen))
         return self._compiled[stage.index]
+
+    def _l2sp_reference(self, stage: Stage) -> dict:
+        """The starting (pretrained) values of the backbone parameters that train in ``stage``."""
+        trainable = self._split(self.variables, stage.frozen)[0]["params"]
+        head = self.spec.head_path[0]
+        return {k: v for k, v in trainable.items() if k != head and k not in self.extra_keys}
 
     def _eval_fn(self):
         if not hasattr(self, "_eval"):
@@ -386,7 +429,7 @@ class Trainer:
     def _split(self, variables: dict, frozen) -> tuple[dict, dict]:
         """``(trainable, frozen)`` parts of ``variables`` (strategies.split_variables), the objective's own
         parameters in the trainable part."""
-        return split_variables(self.spec, variables, frozen, self.objective.extra_keys)
+        return split_variables(self.spec, variables, frozen, self.extra_keys)
 
     def _new_state(self, trainable: dict, tx) -> TrainState:
         return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim))
@@ -394,6 +437,8 @@ class Trainer:
     def _enter_stage(self, state: TrainState, old: Stage, new: Stage) -> TrainState:
         """Groups unfrozen at a stage boundary join the state with their starting values (frozen until
         now, so unchanged) and a fresh optimizer state; groups already training keep theirs."""
+        if self.cfg.strategy.kind == "lp_ft":
+            self.log("lp_ft: the linear probe is done; fine-tuning starts from its head")
         if not set(new.frozen) <= set(old.frozen):
             raise TrainingError(f"stage {new.index} freezes {', '.join(sorted(set(new.frozen) - set(old.frozen)))} "
                                 "again after training it; strategies only unfreeze")
@@ -411,7 +456,10 @@ class Trainer:
         if self.cfg.cache_features:
             return state.variables
         variables = merge(self.compiled(stage).frozen, state.variables)
-        variables["params"] = {k: v for k, v in variables["params"].items() if k not in self.objective.extra_keys}
+        variables.pop(L2SP_REFERENCE, None)
+        if self.reparam is not None:
+            variables = self._fold(variables)
+        variables["params"] = {k: v for k, v in variables["params"].items() if k not in self.extra_keys}
         return variables
 
     def evaluate(self, variables: dict, loader=None) -> dict:
@@ -464,7 +512,7 @@ class Trainer:
         """A checkpoint written before train states held only what trains: the whole model's variables,
         the optimizer over all of them. Its trainable part is kept; its optimizer state has the same arrays
         in the same order as one over the trainable part (frozen labels hold none), so it is re-shaped."""
-        labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.objective.extra_keys)
+        labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys)
         whole_tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                   self.cfg.epochs)
         whole = jax.eval_shape(lambda v: create_train_state(v, whole_tx, self.cfg.seed, plateau_init(self.cfg.optim)),
@@ -493,7 +541,8 @@ class Trainer:
             records = []
             metrics_log.clear()
         log(f"{cfg.strategy.kind}: {len(self.stages)} stage(s); stage {stage.index} trains "
-            f"{', '.join(stage.trainable)} ({_count(state.params):,} parameters); {self.dp.num_devices} device(s), "
+            f"{', '.join(stage.trainable)}{' + LoRA adapters' if self.reparam else ''} ({_count(state.params):,} "
+            f"parameters){f'; L2-SP weight {cfg.l2sp:g}' if cfg.l2sp else ''}; {self.dp.num_devices} device(s), "
             f"{self.dp.mapping}; {self.steps_per_epoch} steps/epoch")
 
         schedule = schedule_of(cfg.optim, self.steps_per_epoch, cfg.epochs)
@@ -534,6 +583,8 @@ class Trainer:
                     "lr": float(schedule(opt_steps)) * float(jax.device_get(state.plateau.scale)),
                     "seconds": time.perf_counter() - t0, "step": int(state.step),
                 }
+                if cfg.strategy.kind == "lp_ft":
+                    record["phase"] = "linear_probe" if epoch < cfg.strategy.lp_epochs else "fine_tune"
                 record.update(self.objective.record(sums, int(state.step), self.steps_per_epoch * cfg.epochs))
                 if self.target_val_loader is not None:
                     target_eval = self.evaluate(variables, self.target_val_loader)
@@ -649,8 +700,13 @@ class Trainer:
         final = records[-1] if records else {}
         # The frozen groups never changed: the run's starting variables with what trained on top.
         variables = merge(self.variables, jax.device_get(export_state.variables))
-        for key in self.objective.extra_keys:  # the objective's own parameters stay behind
+        if self.reparam is not None:  # LoRA's factors folded into their kernels: the plain backbone
+            variables = merge_factors(variables, cfg.lora.scale)
+        for key in self.extra_keys:  # the objective's own parameters stay behind
             variables["params"].pop(key, None)
+        wise = None
+        if cfg.wise_ft is not None:
+            variables, wise = self._wise_ft(variables, cfg.wise_ft, final)
         meta = {
             "backbone": self.spec.name, "source": self.source, "num_classes": self.num_classes,
             "class_names": self.data.class_names, "preprocessing": self.pre.to_dict(),
@@ -660,6 +716,8 @@ class Trainer:
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
                          "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},
         }
+        if wise is not None:
+            meta["wise_ft"] = wise
         if not self.primary:
             return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
         path = save_model(self.out, variables, meta)
@@ -675,6 +733,24 @@ class Trainer:
             self.log(f"{nonfinite} step(s) with a non-finite loss were skipped (--skip-nonfinite)")
         self.log(f"exported the {cfg.export} model to {path}; curves in {self.out / CURVES_FILE}")
         return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
+
+
+    def _wise_ft(self, finetuned: dict, alpha: float, final: dict) -> tuple[dict, dict]:
+        """WiSE-FT: the backbone interpolated between the pretrained and the fine-tuned one, the
+        fine-tuned head kept (there is no zero-shot head to interpolate with); evaluated here."""
+        pretrained = {c: {k: v for k, v in tree.items() if k not in self.extra_keys} if c == "params" else tree
+                      for c, tree in self.variables.items()}
+        variables = interpolate(pretrained, finetuned, alpha, keep=self.spec.head_path)
+        placed = self.dp.replicate(variables)
+        wise = {"alpha": alpha, "head": "fine-tuned (no zero-shot head)", "val_top1": self.evaluate(placed)["val_top1"]}
+        line = (f"WiSE-FT alpha {alpha:g}: validation top-1 {wise['val_top1']:.4f} (fine-tuned "
+                f"{final.get('val_top1', float('nan')):.4f})")
+        if self.target_val_loader is not None:
+            wise["target_val_top1"] = self.evaluate(placed, self.target_val_loader)["val_top1"]
+            line += (f", target top-1 {wise['target_val_top1']:.4f} (fine-tuned "
+                     f"{final.get('target_val_top1', float('nan')):.4f})")
+        self.log(line + "; the head is the fine-tuned one")
+        return variables, wise
 
 
 @dataclass(frozen=True)
@@ -719,6 +795,20 @@ def _check_same_options(cfg: TrainConfig) -> None:
     if not np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest):
         raise ConfigError(f"process {jax.process_index()} was started with other options than process 0; start "
                           "every process with the same options (only --process-id differs)")
+
+
+def _no_decay_except(labels: dict, head_group: str) -> dict:
+    """Labels with weight decay left only on the head group's kernels."""
+    def relabel(label: str) -> str:
+        return label if label == head_group or label.endswith(NO_DECAY_SUFFIX) else label + NO_DECAY_SUFFIX
+
+    return jax.tree.map(relabel, labels)
+
+
+def _at(tree: dict, path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _copy(tree: Any) -> Any:

@@ -3,6 +3,8 @@ frozen layers come from (every checkpoint records it, since checkpoints hold onl
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -11,12 +13,12 @@ import jax
 import numpy as np
 
 from jaxtl.data.preprocessing import Preprocessing
-from jaxtl.errors import ConfigError
+from jaxtl.errors import CheckpointError, ConfigError
 from jaxtl.export import load_model, read_variables_file
 from jaxtl.models import abstract_variables, built_for_one_size, create_model, has_option, init_variables
 from jaxtl.pretrained import load_pretrained, replace_head
-from jaxtl.registry import BackboneSpec
-from jaxtl.training.config import TrainConfig
+from jaxtl.registry import BackboneSpec, resolve
+from jaxtl.training.config import CONFIG_FILE, TrainConfig
 from jaxtl.weights import sha256_file
 
 # A random-init run's starting variables, written once: its frozen groups are constants read from here.
@@ -94,3 +96,21 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
         log(f"weights: {spec.name} {info.source} {info.tag or ''} ({Path(info.file).name}, "
             f"sha256 {info.sha256[:8]}); new {num_classes}-class head")
     return Start(variables, pre.at_size(cfg.img_size) if cfg.img_size else pre, model_kwargs, origin, frozen_ref)
+
+
+def pretrained_of_run(run_dir: Path, meta: dict) -> dict:
+    """The variables the run in ``run_dir`` started from (read again from its weights, as a resume
+    would), for WiSE-FT against the model it exported."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: WiSE-FT needs a training run's folder, which says "
+                              "which pretrained weights the run started from")
+    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    if cfg.weights == "none":
+        raise ConfigError(f"the run in {run_dir} started from random weights; WiSE-FT interpolates towards "
+                          "pretrained ones")
+    spec, _ = resolve(meta["backbone"])
+    start = starting_point(dataclasses.replace(cfg, resume=False), spec, meta.get("source") or cfg.source,
+                           int(meta["num_classes"]), Path(run_dir), resume_needs_frozen=lambda: True,
+                           log=lambda line: None)
+    return start.variables

@@ -75,19 +75,26 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats:
 Forward = Callable[..., tuple[jax.Array, Any]]
 
 
-def image_forward(model, *, frozen: Sequence[str], prepare: Prepare) -> Forward:
+# (variables, key) -> the variables the model runs with (LoRA's factors folded into their kernels)
+Reparam = Callable[[dict, jax.Array], dict]
+
+
+def image_forward(model, *, frozen: Sequence[str], prepare: Prepare, reparam: Reparam | None = None) -> Forward:
     """Augment/normalise uint8 images on the device, then run the model in train mode.
 
     ``frozen`` groups run in inference mode (running BatchNorm statistics,
     no dropout); the tuple is static, so each strategy stage compiles once.
     Each image is augmented with its own key (:func:`example_keys`); the
     model draws its dropout masks per example itself (it was built with the
-    same ``axis_name``).
+    same ``axis_name``). ``reparam`` turns the variables into the model's
+    (adapters folded in) inside the differentiated function.
     """
     frozen = tuple(frozen)
 
     def forward(variables, images, key, axis_name=None):
         aug_key, dropout_key = jax.random.split(key)
+        if reparam is not None:
+            variables = reparam(variables, jax.random.fold_in(dropout_key, 1))
         x = prepare(example_keys(aug_key, images.shape[0], axis_name), images)
         logits, updates = model.apply(variables, x, train=True, frozen=frozen, mutable=["batch_stats"],
                                       rngs={"dropout": dropout_key})
@@ -123,19 +130,37 @@ def head_forward(head_path: Sequence[str], drop_rate: float = 0.0) -> Forward:
     return forward
 
 
+# The key of the step's constants that holds L2-SP's reference (the pretrained values of the
+# backbone parameters that train), beside the frozen groups' variables.
+L2SP_REFERENCE = "l2sp_reference"
+
+
+def l2sp_penalty(params: Any, reference: Any) -> jax.Array:
+    """L2-SP (Li et al., ICML 2018): ||w - w0||^2 / 2 over the parameters that have a pretrained value in
+    ``reference`` (a subtree of ``params``)."""
+    pairs = zip(jax.tree.leaves(select_like(params, reference)), jax.tree.leaves(reference))
+    return 0.5 * sum((jnp.sum(jnp.square(p.astype(jnp.float32) - r.astype(jnp.float32))) for p, r in pairs),
+                     jnp.zeros((), jnp.float32))
+
+
 def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_classes: int,
-                    label_smoothing: float = 0.0, axis_name: str | None = None):
+                    label_smoothing: float = 0.0, l2sp: float = 0.0, axis_name: str | None = None):
     """The per-device train step for one strategy stage: ``(state, frozen, batch) -> (state, metrics)``.
 
     ``frozen`` holds the frozen groups' variables (:func:`jaxtl.strategies.split_variables`):
     constants here, so neither a gradient nor an update is computed for them, and XLA drops
-    the backward pass of every layer whose inputs and parameters are all constant.
+    the backward pass of every layer whose inputs and parameters are all constant. With ``l2sp``,
+    ``frozen[L2SP_REFERENCE]`` holds the pretrained values the trainable backbone is pulled
+    towards: a constant of the step too, not a copy in the optimizer state. The reported loss is
+    the cross-entropy alone.
     """
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         key = step_key(state)
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         total = jnp.maximum(_psum(jnp.sum(weight), axis_name), 1.0)
+        frozen = dict(frozen)
+        reference = frozen.pop(L2SP_REFERENCE, None)
 
         def loss_fn(params):
             variables = merge(frozen, {"params": params, "batch_stats": state.batch_stats})
@@ -143,9 +168,14 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
             per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
-            return jnp.sum(per_example * weight) / total, (logits, select_like(batch_stats, state.batch_stats))
+            loss = jnp.sum(per_example * weight) / total
+            objective = loss
+            if l2sp and reference is not None:  # every device adds its share: the sum over devices is one penalty
+                devices = _psum(jnp.ones((), jnp.float32), axis_name)
+                objective = loss + l2sp * l2sp_penalty(params, reference) / devices
+            return objective, (loss, logits, select_like(batch_stats, state.batch_stats))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new, loss, grad_norm, finite = apply_gradients(state, grads, loss, batch_stats, tx, axis_name)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
         metrics = {"loss_sum": loss * total, "correct": _psum(correct, axis_name), "count": total,
