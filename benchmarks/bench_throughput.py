@@ -87,14 +87,23 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
             on_compiled(compiled)
         return (lambda: compiled(variables, x).block_until_ready()), compile_s, _xla_bytes(compiled)
 
-    strategy = Strategy("finetune", backbone_lr_mult=1.0) if mode == "finetune" else Strategy("feature_extract")
+    strategy = Strategy("finetune", backbone_lr_mult=1.0) if mode == "finetune" else Strategy(
+        "lora" if mode == "lora" else "feature_extract")
     frozen = strategy.frozen_groups(spec)
-    labels = trainable_labels(label_tree(spec, variables["params"], frozen))
-    trainable, constants = split_variables(spec, variables, frozen)
+    extra_keys, reparam = (), None
+    if mode == "lora":  # rank-8 adapters on the default targets, as --strategy lora trains them
+        from jaxtl.lora import LORA_KEY, apply_factors, init_factors, select_targets
+
+        params = variables["params"]
+        params[LORA_KEY] = init_factors(params, select_targets(params, spec.head_path, None), 8, 0)
+        extra_keys = (LORA_KEY,)
+        reparam = lambda v, key: {**v, "params": apply_factors(v["params"], 1.0)}  # noqa: E731
+    labels = trainable_labels(label_tree(spec, variables["params"], frozen, extra_keys=extra_keys))
+    trainable, constants = split_variables(spec, variables, frozen, extra_keys)
     cfg = OptimConfig(opt="sgd", lr=0.01, momentum=0.9, sched="constant")
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 100, 1)
-    step = make_train_step(image_forward(model, frozen=frozen, prepare=lambda key, images: images), tx,
-                           num_classes=NUM_CLASSES, axis_name=AXIS)
+    step = make_train_step(image_forward(model, frozen=frozen, prepare=lambda key, images: images, reparam=reparam),
+                           tx, num_classes=NUM_CLASSES, axis_name=AXIS)
     mapped = dp.train_step(step, donate=True)
     batch_dict = dp.put_batch({"image": np.asarray(x), "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
                                "weight": np.ones(batch, np.float32)})

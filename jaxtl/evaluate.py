@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _evaluator(model, pre, num_classes: int, batch_size: int, workers: int):
+def make_evaluator(model, pre, num_classes: int, batch_size: int, workers: int):
     """``(variables, source) -> (metric sums, predictions, unreadable files)`` for ``model`` in eval mode."""
     import jax
 
@@ -84,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if data.num_classes != int(meta["num_classes"]):
         raise DataError(f"the model has {meta['num_classes']} classes, the data {data.num_classes}")
     pre = Preprocessing.from_dict(meta["preprocessing"])
-    run = _evaluator(model, pre, data.num_classes, args.batch_size, args.workers)
+    run = make_evaluator(model, pre, data.num_classes, args.batch_size, args.workers)
     if args.wise_ft_sweep is not None:
         return wise_ft_sweep(args, variables, meta, data, run, val_fraction, seed)
     if args.target_data:

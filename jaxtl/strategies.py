@@ -18,6 +18,9 @@ for a ResNet; ``embed, block0..block11, norm, head`` for a ViT-B).
   frozen), then fine-tuning of everything from the probed head, as ``finetune`` does.
 * ``lora`` - the backbone frozen; low-rank adapters on its kernels train beside the head
   (:mod:`jaxtl.lora`, a re-parametrisation of the parameter tree, not a change to the models).
+* ``bitfit`` - BitFit (Ben Zaken et al., 2022): the backbone frozen except its biases and norm
+  scales (:meth:`Strategy.leaf_trains`), which train at ``backbone_lr_mult``; the groups run in
+  inference mode, so BatchNorm keeps its running statistics.
 
 Per-group learning-rate multipliers for trainable backbone groups, at most one of:
 ``lr_mults`` (explicit, like per-layer Adam param groups), ``lr_spread`` (the first
@@ -35,16 +38,18 @@ dropout is off (the Keras semantics). Only the trainable part is the train state
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 from flax import traverse_util
 
 from jaxtl.errors import ConfigError
 from jaxtl.registry import BackboneSpec
 
-STRATEGIES = ("feature_extract", "finetune", "progressive", "lp_ft", "lora")
-# Strategies whose backbone never trains in full (features, or adapters beside it).
-BACKBONE_FROZEN = ("feature_extract", "lora")
+STRATEGIES = ("feature_extract", "finetune", "progressive", "lp_ft", "lora", "bitfit")
+# Strategies whose backbone never trains in full (features, adapters beside it, or a few leaves of it).
+BACKBONE_FROZEN = ("feature_extract", "lora", "bitfit")
+# BitFit's leaves: biases, and the scales of BatchNorm and LayerNorm.
+BITFIT_LEAVES = ("bias", "scale")
 FROZEN = "frozen"
 NO_DECAY_SUFFIX = "/no_decay"
 # Parameters an objective adds beside the backbone's (jaxtl.training.objectives), under top-level
@@ -151,6 +156,10 @@ class Strategy:
         starts = self._unfreeze_epochs(spec)
         return tuple(g for g in groups[:-1] if g not in starts or epoch < starts[g])
 
+    def leaf_trains(self, path: Sequence[str]) -> bool:
+        """Whether a parameter trains although its group is frozen (BitFit's biases and norm scales)."""
+        return self.kind == "bitfit" and path[-1] in BITFIT_LEAVES
+
     def trainable_groups(self, spec: BackboneSpec, epoch: int = 0) -> tuple[str, ...]:
         frozen = set(self.frozen_groups(spec, epoch))
         return tuple(g for g in spec.group_names if g not in frozen)
@@ -222,20 +231,21 @@ def group_of(spec: BackboneSpec, path: Sequence[str], extra_keys: Collection[str
 
 
 def split_variables(spec: BackboneSpec, variables: Mapping[str, Any], frozen: Sequence[str],
-                    extra_keys: Collection[str] = ()) -> tuple[dict, dict]:
+                    extra_keys: Collection[str] = (), leaf_trains: Callable | None = None) -> tuple[dict, dict]:
     """``(trainable, frozen)``: the variables of the trainable groups and those of the frozen ones.
 
     Both keep every collection of ``variables`` (``params``, ``batch_stats``), each holding only its
-    own leaves; :func:`jaxtl.training.state.merge` puts them back together.
+    own leaves; :func:`jaxtl.training.state.merge` puts them back together. Parameters for which
+    ``leaf_trains(path)`` holds (:meth:`Strategy.leaf_trains`) train inside frozen groups.
     """
     frozen = set(frozen)
     trainable_part, frozen_part = {}, {}
     for collection, tree in variables.items():
         flat = traverse_util.flatten_dict(_plain(tree))
-        trainable_part[collection] = traverse_util.unflatten_dict(
-            {p: v for p, v in flat.items() if group_of(spec, p, extra_keys) not in frozen})
-        frozen_part[collection] = traverse_util.unflatten_dict(
-            {p: v for p, v in flat.items() if group_of(spec, p, extra_keys) in frozen})
+        trains = {p: group_of(spec, p, extra_keys) not in frozen
+                  or (collection == "params" and leaf_trains is not None and leaf_trains(p)) for p in flat}
+        trainable_part[collection] = traverse_util.unflatten_dict({p: v for p, v in flat.items() if trains[p]})
+        frozen_part[collection] = traverse_util.unflatten_dict({p: v for p, v in flat.items() if not trains[p]})
     return trainable_part, frozen_part
 
 
@@ -247,9 +257,10 @@ def trainable_labels(labels: Any) -> dict:
 
 
 def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_decay: bool = True,
-               extra_keys: Collection[str] = ()) -> dict:
+               extra_keys: Collection[str] = (), leaf_trains: Callable | None = None) -> dict:
     """One label per parameter: its group name (``+ "/no_decay"`` where weight
-    decay must not apply), or ``"frozen"`` for parameters of frozen groups.
+    decay must not apply), or ``"frozen"`` for parameters of frozen groups
+    (unless ``leaf_trains(path)``: see :func:`split_variables`).
     Parameters under ``extra_keys`` are an objective's own (:data:`EXTRA_GROUP`)."""
     frozen = set(frozen)
     unknown = frozen - set(spec.group_names)
@@ -260,7 +271,7 @@ def label_tree(spec: BackboneSpec, params: Any, frozen: Sequence[str], weight_de
     labels = {}
     for path in flat:
         group = group_of(spec, path, extra_keys)
-        if group in frozen:
+        if group in frozen and not (leaf_trains is not None and leaf_trains(path)):
             labels[path] = FROZEN
         elif weight_decay and decays(path):
             labels[path] = group

@@ -99,11 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="decoding threads (default 2)")
 
     g = p.add_argument_group("strategy")
-    g.add_argument("--strategy", choices=["feature_extract", "finetune", "progressive", "lp_ft", "lora", "dann"],
+    g.add_argument("--strategy",
+                   choices=["feature_extract", "finetune", "progressive", "lp_ft", "lora", "bitfit", "dann"],
                    help=f"feature_extract: only the head trains; finetune: everything trains, the backbone at "
                         f"--backbone-lr-mult; progressive: feature extraction, then backbone groups unfreeze top-down; "
                         f"lp_ft: a linear probe for --lp-epochs, then finetune from its head; lora: low-rank "
-                        f"adapters on the frozen backbone, and the head; "
+                        f"adapters on the frozen backbone, and the head; bitfit: the head, biases and norm scales; "
                         f"dann: finetune plus domain-adversarial training towards --target-data "
                         f"(default {d['strategy']})")
     g.add_argument("--lp-epochs", type=int, help="lp_ft: epochs of the linear probe (default: half of --epochs)")

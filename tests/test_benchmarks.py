@@ -200,3 +200,18 @@ def test_frozen_smoke_run_measures_the_head_step_and_host_work(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "bench_frozen.py"), "--parts", "speed", "--quick", "--out",
                           str(out)], capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
     assert bad.returncode == 2 and "unknown part(s) speed" in bad.stderr
+
+
+def test_robust_summary_is_mean_and_spread_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from bench_robust import DOMAINS, report, summarise
+
+    runs = {"finetune": [{"seed": s, **{d: top for d in DOMAINS}, "trainable_params": 5, "checkpoint_bytes": 9}
+                         for s, top in enumerate((0.5, 0.7, 0.9))],
+            "finetune + WiSE-FT 0.5": [{"seed": 0, **{d: 0.25 for d in DOMAINS}}]}
+    summary = summarise(runs)
+    assert summary["finetune"]["digits"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.2)}
+    assert summary["finetune + WiSE-FT 0.5"]["digits-inverted"] == {"mean": 0.25, "std": 0.0}
+    table = report({"accuracy": {"seeds": [0, 1, 2], "epochs": 8, "summary": summary}})
+    assert "| finetune | 0.700 ± 0.200 | 0.700 ± 0.200 | 0.700 ± 0.200 | 5 | 9 |" in table
+    assert "(finetune's)" in table

@@ -281,3 +281,13 @@ def test_the_l2sp_penalty_is_the_same_on_one_and_four_devices():
     assert r.returncode == 0, r.stderr[-3000:]
     difference, moved = map(float, r.stdout.split())
     assert moved > 0.05 and difference < 1e-6 * moved, (difference, moved)
+
+
+def test_bitfit_trains_only_the_biases_and_norm_scales(tmp_path, pretrained):
+    out = tmp_path / "bitfit"
+    result = run(out, strategy="bitfit", epochs=1)
+    trained = {p for p in flat(result.state.params)}
+    assert trained and all(p[-1] in ("bias", "scale") or p[0] == "classifier" for p in trained)
+    got = exported(out)
+    moved = [p for p, v in got.items() if not is_head(p) and not np.array_equal(v, pretrained[p])]
+    assert moved and all(p[0] == "params" and p[-1] in ("bias", "scale") for p in moved), moved[:3]

@@ -353,7 +353,8 @@ class Trainer:
     def compiled(self, stage: Stage) -> "_StageSteps":
         """What a stage trains with, built once: its labels, optimizer, mapped train step and frozen variables."""
         if stage.index not in self._compiled:
-            labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys)
+            labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys,
+                                leaf_trains=self.cfg.strategy.leaf_trains)
             check_label_tree(labels, self.variables["params"])
             labels = trainable_labels(labels)
             if self.cfg.l2sp:  # L2-SP replaces the backbone's decay towards zero; the head keeps its own
@@ -429,7 +430,7 @@ class Trainer:
     def _split(self, variables: dict, frozen) -> tuple[dict, dict]:
         """``(trainable, frozen)`` parts of ``variables`` (strategies.split_variables), the objective's own
         parameters in the trainable part."""
-        return split_variables(self.spec, variables, frozen, self.extra_keys)
+        return split_variables(self.spec, variables, frozen, self.extra_keys, self.cfg.strategy.leaf_trains)
 
     def _new_state(self, trainable: dict, tx) -> TrainState:
         return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim))
@@ -512,7 +513,8 @@ class Trainer:
         """A checkpoint written before train states held only what trains: the whole model's variables,
         the optimizer over all of them. Its trainable part is kept; its optimizer state has the same arrays
         in the same order as one over the trainable part (frozen labels hold none), so it is re-shaped."""
-        labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys)
+        labels = label_tree(self.spec, self.variables["params"], stage.frozen, extra_keys=self.extra_keys,
+                            leaf_trains=self.cfg.strategy.leaf_trains)
         whole_tx = make_optimizer(self.cfg.optim, labels, self.lr_mults, all_labels(self.spec), self.steps_per_epoch,
                                   self.cfg.epochs)
         whole = jax.eval_shape(lambda v: create_train_state(v, whole_tx, self.cfg.seed, plateau_init(self.cfg.optim)),
@@ -541,7 +543,7 @@ class Trainer:
             records = []
             metrics_log.clear()
         log(f"{cfg.strategy.kind}: {len(self.stages)} stage(s); stage {stage.index} trains "
-            f"{', '.join(stage.trainable)}{' + LoRA adapters' if self.reparam else ''} ({_count(state.params):,} "
+            f"{', '.join(stage.trainable)}{_beside(cfg.strategy.kind)} ({_count(state.params):,} "
             f"parameters){f'; L2-SP weight {cfg.l2sp:g}' if cfg.l2sp else ''}; {self.dp.num_devices} device(s), "
             f"{self.dp.mapping}; {self.steps_per_epoch} steps/epoch")
 
@@ -795,6 +797,11 @@ def _check_same_options(cfg: TrainConfig) -> None:
     if not np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest):
         raise ConfigError(f"process {jax.process_index()} was started with other options than process 0; start "
                           "every process with the same options (only --process-id differs)")
+
+
+def _beside(kind: str) -> str:
+    """What trains besides the trainable groups, for the log."""
+    return {"lora": " + LoRA adapters", "bitfit": " + the backbone's biases and norm scales"}.get(kind, "")
 
 
 def _no_decay_except(labels: dict, head_group: str) -> dict:
