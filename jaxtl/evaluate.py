@@ -1,4 +1,5 @@
-"""``python -m jaxtl.evaluate``: loss, top-1, top-5 and per-class accuracy of a trained model.
+"""``python -m jaxtl.evaluate``: loss, top-1, top-5, balanced accuracy, calibration error (ECE, 15 bins)
+and per-class recall of a trained model.
 
     python -m jaxtl.evaluate --checkpoint runs/default --data digits
     python -m jaxtl.evaluate --checkpoint runs/flowers --data path/to/images --split all
@@ -56,9 +57,13 @@ def make_evaluator(model, pre, num_classes: int, batch_size: int, workers: int):
     step = jax.jit(make_eval_step(lambda v, x: model.apply(v, eval_prepare(x, pre), train=False),
                                   num_classes=num_classes))
 
-    def run(variables, source):
+    def run(variables, source, with_confidence: bool = False):
         loader = Loader(source, pre, batch_size=batch_size, train=False, workers=workers)
-        sums, pred = accumulate(step(variables, batch) for batch in loader.epoch(0))
+        outputs = [step(variables, batch) for batch in loader.epoch(0)]
+        sums, pred = accumulate(outputs)
+        if with_confidence:
+            confidence = np.concatenate([np.asarray(o["confidence"]) for o in outputs])[:len(source)]
+            return sums, pred[:len(source)], loader.bad, confidence
         return sums, pred[:len(source)], loader.bad
 
     return run
@@ -68,7 +73,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from jaxtl.data.sources import load_dataset
     from jaxtl.export import load_model
     from jaxtl.data.preprocessing import Preprocessing
-    from jaxtl.training.evaluation import metrics
+    from jaxtl.training.evaluation import balanced_accuracy, expected_calibration_error, metrics
     from jaxtl.training.report import confusion_matrix, per_class_accuracy
 
     model, variables, meta = load_model(args.checkpoint)
@@ -95,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> int:
         source = data.train
     else:
         source = _concat(data.train, data.val)
-    sums, pred, bad = run(variables, source)
+    sums, pred, bad, confidence = run(variables, source, with_confidence=True)
     keep = np.ones(len(source), bool)
     for i in range(len(source)):
         if source.describe(i) in bad:
@@ -103,8 +108,10 @@ def evaluate(args: argparse.Namespace) -> int:
     cm = confusion_matrix(source.labels[keep], pred[keep], data.num_classes)
     per_class = per_class_accuracy(cm)
     m = metrics(sums)
+    ece = expected_calibration_error(confidence[keep], pred[keep] == source.labels[keep])
     result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "images": m["count"],
               "loss": m["loss"], "top1": m["top1"], "top5": m["top5"],
+              "balanced_accuracy": balanced_accuracy(per_class), "ece": ece,
               "per_class_top1": {name: (None if np.isnan(a) else float(a)) for name, a in zip(data.class_names,
                                                                                               per_class)},
               "skipped": sorted(bad)}
@@ -113,7 +120,9 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.split} split of {args.data}: {result['images']} images")
     print(f"  loss {result['loss']:.4f}   top-1 {result['top1']:.4f}   top-5 {result['top5']:.4f}")
-    print("  per-class top-1:")
+    print(f"  balanced accuracy {result['balanced_accuracy']:.4f}   expected calibration error (15 bins) "
+          f"{result['ece']:.4f}")
+    print("  per-class recall (top-1):")
     width = max(len(str(c)) for c in data.class_names)
     for name, acc, total in zip(data.class_names, per_class, cm.sum(axis=1)):
         shown = "   n/a" if np.isnan(acc) else f"{acc:.4f}"

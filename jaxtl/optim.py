@@ -36,7 +36,9 @@ from jaxtl.errors import ConfigError
 from jaxtl.strategies import FROZEN, all_labels, label_group
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "multistep", "cosine", "sgdr", "plateau")
+SCHEDULES = ("constant", "step", "multistep", "cosine", "sgdr", "plateau", "onecycle")
+# fastai's fit_one_cycle: start at lr / 25, peak after 25 % of the steps, end at lr / 1e5.
+ONECYCLE_DIV, ONECYCLE_PCT_START, ONECYCLE_DIV_FINAL = 25.0, 0.25, 1e5
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,10 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int, num_epochs: int) -> op
         main = optax.piecewise_constant_schedule(lr, {max(int(m * spe) - warmup, 1): cfg.gamma for m in milestones})
     elif cfg.sched == "cosine":
         main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=cfg.min_lr_ratio)
+    elif cfg.sched == "onecycle":  # cosine up, cosine down (Smith 2018; fastai's defaults); momentum not cycled
+        main = optax.cosine_onecycle_schedule(max(total - warmup, 1), lr, pct_start=ONECYCLE_PCT_START,
+                                              div_factor=ONECYCLE_DIV,
+                                              final_div_factor=ONECYCLE_DIV_FINAL / ONECYCLE_DIV)
     elif cfg.sched == "sgdr":
         periods, length, covered = [], max(cfg.sgdr_period, 1) * spe, 0
         while covered < total - warmup:

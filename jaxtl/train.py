@@ -150,8 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     g.add_argument("--weight-decay", type=float, help="default 0; never on norms, biases, tokens, position "
                                                       "embeddings")
-    g.add_argument("--sched", choices=["constant", "step", "multistep", "cosine", "sgdr", "plateau"],
-                   help=f"learning-rate schedule (default {d['sched']}); plateau watches the validation loss")
+    g.add_argument("--sched", choices=["constant", "step", "multistep", "cosine", "sgdr", "plateau", "onecycle"],
+                   help=f"learning-rate schedule (default {d['sched']}); plateau watches the validation loss; "
+                        "onecycle: fastai's fit_one_cycle (lr/25 up to lr over 25%% of the steps, cosine down to "
+                        "lr/1e5)")
+    g.add_argument("--early-stop", type=int, metavar="PATIENCE",
+                   help="stop when --early-stop-metric has not improved for PATIENCE epochs, and export the best "
+                        "checkpoint")
+    g.add_argument("--early-stop-metric", choices=["val_loss", "val_top1"],
+                   help="what --early-stop watches (default val_loss); the best checkpoint is ranked by it too")
     g.add_argument("--warmup-epochs", type=float, help="linear warm-up (default 0)")
     g.add_argument("--min-lr-ratio", type=float, help="cosine/sgdr end at lr x this (default 0)")
     g.add_argument("--step-epochs", type=int, help="step: decay every N epochs (default 30)")

@@ -77,8 +77,11 @@ class RunLock:
         self.release()
 
 
-def _metric(metrics: Any) -> float:
-    return float(metrics["val_top1"])
+def ranking(metric: str):
+    """The orbax ``best_fn`` (higher is better) of a metric name: top-1 as it is, a loss negated."""
+    if metric == "val_loss":
+        return lambda metrics: -float(metrics["val_loss"])
+    return lambda metrics: float(metrics[metric])
 
 
 # The record's marker of a checkpoint whose state holds only what trains (see the module docstring).
@@ -111,8 +114,9 @@ def _remove_unfinished(directory: Path) -> None:
 class Checkpoints:
     """The run's checkpoints under ``<output>/checkpoints``."""
 
-    def __init__(self, directory: Path, keep: int = 2):
+    def __init__(self, directory: Path, keep: int = 2, best_metric: str = "val_top1"):
         self.directory = Path(directory).absolute()
+        _metric = ranking(best_metric)
         policy = cm.AnyPreservationPolicy([
             cm.LatestN(n=max(keep, 1)),
             cm.BestN(get_metric_fn=_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False),

@@ -23,6 +23,7 @@ from jaxtl.strategies import BACKBONE_FROZEN, Strategy
 
 CONFIG_FILE = "config.json"
 OBJECTIVES = ("classification", "dann")
+EARLY_STOP_METRICS = ("val_loss", "val_top1")
 DANN = "dann"
 
 
@@ -78,6 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     skip_nonfinite: bool = False
     export: str = "last"                   # "last" or "best"
+    early_stop: int | None = None          # patience in epochs; the run then exports its best checkpoint
+    early_stop_metric: str = "val_loss"    # or "val_top1"; with early_stop, also what "best" ranks by
     allow_download: bool = True
     progress: bool = True
 
@@ -104,6 +107,11 @@ class TrainConfig:
                     raise ConfigError(f"--backbone {self.backbone} names weights {tag!r} but --weights-tag says "
                                       f"{self.weights_tag!r}; give one of them")
                 self.backbone, self.weights_tag = name, tag
+
+    @property
+    def best_metric(self) -> str:
+        """What the best checkpoint is ranked by: early stopping's metric, else validation top-1."""
+        return self.early_stop_metric if self.early_stop is not None else "val_top1"
 
     @property
     def lora(self) -> LoraConfig:
@@ -214,6 +222,11 @@ class TrainConfig:
                 raise ConfigError("--wise-ft interpolates towards pretrained weights; drop --weights none")
         if self.export not in ("last", "best"):
             raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ConfigError(f"--early-stop must be >= 1 epoch of patience, got {self.early_stop}")
+        if self.early_stop_metric not in EARLY_STOP_METRICS:
+            raise ConfigError(f"--early-stop-metric must be one of {', '.join(EARLY_STOP_METRICS)}, got "
+                              f"{self.early_stop_metric!r}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.optim.sched == "plateau" and self.optim.warmup_epochs:

@@ -34,6 +34,27 @@ def accumulate(outputs: Iterable[dict], stacked: bool = False,
     return sums, np.concatenate(preds) if preds else np.zeros(0, np.int32)
 
 
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al., ICML 2017): over ``bins`` equal-width confidence bins, the example-weighted mean
+    of |accuracy - mean confidence|. ``confidence`` is each example's top softmax probability."""
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)
+    if confidence.size == 0:
+        return float("nan")
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (0, 1/bins] is bin 0
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total / confidence.size)
+
+
+def balanced_accuracy(per_class_recall: np.ndarray) -> float:
+    """The mean recall over the classes that have examples (scikit-learn's balanced_accuracy_score)."""
+    recall = np.asarray(per_class_recall, np.float64)
+    return float(np.nanmean(recall)) if np.any(~np.isnan(recall)) else float("nan")
+
+
 def metrics(sums: dict[str, float]) -> dict:
     """Mean loss, top-1 and top-5 over the counted (unpadded, readable) examples."""
     count = max(sums["count"], 1.0)

@@ -161,7 +161,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.ckpts = Checkpoints(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.ckpts = Checkpoints(self.out / "checkpoints", keep=cfg.keep_checkpoints, best_metric=cfg.best_metric)
         has_run = self.ckpts.latest_step() is not None
         if has_run and not cfg.resume:
             raise CheckpointError(f"{self.out} already holds a run (checkpoint step {self.ckpts.latest_step()}); "
@@ -550,8 +550,10 @@ class Trainer:
         schedule = schedule_of(cfg.optim, self.steps_per_epoch, cfg.epochs)
         signals = self._signals = _Signals()
         last_eval = None
+        # A resumed run that had already stopped early exports again without training.
+        self.stopped_early = early_stop_reason(records, cfg.early_stop, cfg.early_stop_metric)
         with signals:
-            for epoch in range(start_epoch, cfg.epochs):
+            for epoch in range(start_epoch, start_epoch if self.stopped_early else cfg.epochs):
                 new_stage = stage_at(self.stages, epoch)
                 if new_stage.index != stage.index:
                     state = self._enter_stage(state, stage, new_stage)
@@ -597,7 +599,12 @@ class Trainer:
                 records.append(record)
                 metrics_log.append(record)
                 log(epoch_line(record, cfg.epochs))
-                self._save(state, epoch + 1, 0, stage, None, nonfinite, {"val_top1": record["val_top1"]})
+                self._save(state, epoch + 1, 0, stage, None, nonfinite,
+                           {"val_top1": record["val_top1"], "val_loss": record["val_loss"]})
+                self.stopped_early = early_stop_reason(records, cfg.early_stop, cfg.early_stop_metric)
+                if self.stopped_early:
+                    log(f"stopping early after epoch {epoch + 1}: {self.stopped_early}")
+                    break
                 if self._stop_requested(signals) and epoch + 1 < cfg.epochs:  # came during a one-call epoch or the save
                     raise Interrupted(
                         f"interrupted after epoch {epoch + 1}; checkpoint saved (step {int(state.step)}) in "
@@ -697,7 +704,8 @@ class Trainer:
     def _finish(self, state, records, last_eval, nonfinite) -> TrainResult:
         cfg = self.cfg
         export_state = state
-        if cfg.export == "best" and self.ckpts.best_step() not in (None, int(state.step)):
+        exported = "best" if self.stopped_early else cfg.export
+        if exported == "best" and self.ckpts.best_step() not in (None, int(state.step)):
             export_state, _, _ = self._restore(self.ckpts.best_step())
         final = records[-1] if records else {}
         # The frozen groups never changed: the run's starting variables with what trained on top.
@@ -714,12 +722,14 @@ class Trainer:
             "class_names": self.data.class_names, "preprocessing": self.pre.to_dict(),
             "model_kwargs": self.model_kwargs, "weights": self.origin,
             "training": {"data": cfg.data, "strategy": cfg.strategy_name, "epochs": cfg.epochs,
-                         "exported": cfg.export, "val_top1": final.get("val_top1"),
+                         "exported": exported, "val_top1": final.get("val_top1"),
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
                          "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},
         }
         if wise is not None:
             meta["wise_ft"] = wise
+        if self.stopped_early:
+            meta["training"]["stopped_early"] = self.stopped_early
         if not self.primary:
             return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
         path = save_model(self.out, variables, meta)
@@ -733,7 +743,7 @@ class Trainer:
             self.log(f"{len(self.skipped)} file(s) were skipped as unreadable; see {self.out / BAD_FILES}")
         if nonfinite:
             self.log(f"{nonfinite} step(s) with a non-finite loss were skipped (--skip-nonfinite)")
-        self.log(f"exported the {cfg.export} model to {path}; curves in {self.out / CURVES_FILE}")
+        self.log(f"exported the {exported} model to {path}; curves in {self.out / CURVES_FILE}")
         return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
 
 
@@ -797,6 +807,19 @@ def _check_same_options(cfg: TrainConfig) -> None:
     if not np.array_equal(multihost_utils.broadcast_one_to_all(digest), digest):
         raise ConfigError(f"process {jax.process_index()} was started with other options than process 0; start "
                           "every process with the same options (only --process-id differs)")
+
+
+def early_stop_reason(records: list[dict], patience: int | None, metric: str) -> str | None:
+    """Why the run stops after the last of ``records``, or None: ``metric`` has not improved on its best
+    for ``patience`` epochs. A function of the records alone, so a resumed run decides the same."""
+    if not patience or not records:
+        return None
+    values = [r[metric] for r in records]
+    best = int(np.argmin(values) if metric == "val_loss" else np.argmax(values))  # the first best epoch
+    if len(values) - 1 - best < patience:
+        return None
+    return (f"{metric} has not improved for {len(values) - 1 - best} epochs (best {values[best]:.4f} after epoch "
+            f"{records[best]['epoch'] + 1}); the best checkpoint is exported")
 
 
 def _beside(kind: str) -> str:

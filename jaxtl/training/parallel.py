@@ -99,11 +99,12 @@ class DataParallel:
         return jax.jit(mapped, donate_argnums=donate_argnums)
 
     def eval_step(self, step: Callable, stacked: bool = False) -> Callable:
-        """(variables, batch) -> metrics; ``pred`` stays per example, the sums are global."""
+        """(variables, batch) -> metrics; ``pred`` and ``confidence`` stay per example, the sums are global."""
+        per_example = ("pred", "confidence")
         out_specs = {"loss_sum": P(), "correct": P(), "correct_topk": P(), "count": P(),
-                     "pred": self._examples(stacked)}
+                     **{k: self._examples(stacked) for k in per_example}}
         if self.mapping == "pmap":
-            out_axes = {k: (0 if k == "pred" else None) for k in out_specs}
+            out_axes = {k: (0 if k in per_example else None) for k in out_specs}
             return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0), out_axes=out_axes, devices=self.devices)
         return jax.jit(jax.shard_map(step, mesh=self.mesh, in_specs=(P(), self._examples(stacked)),
                                      out_specs=out_specs, check_vma=False))

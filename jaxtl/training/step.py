@@ -250,6 +250,7 @@ def make_eval_step(apply_logits: Callable[[Any, jax.Array], jax.Array], *, num_c
             "correct_topk": _psum(jnp.sum(in_topk * weight), axis_name),
             "count": _psum(jnp.sum(weight), axis_name),
             "pred": pred,  # per example, for the confusion matrix
+            "confidence": jnp.max(jax.nn.softmax(logits.astype(jnp.float32), -1), -1),  # per example, for the ECE
         }
 
     return eval_step

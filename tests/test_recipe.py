@@ -1,0 +1,102 @@
+"""The timm/fastai recipe: the one-cycle schedule and early stopping do what they say."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jaxtl
+from jaxtl.optim import OptimConfig, make_schedule
+from jaxtl.runtime import NO_COMPILE_CACHE
+from jaxtl.training.config import TrainConfig
+from jaxtl.training.loop import Trainer, early_stop_reason
+
+SMALL = dict(backbone="resnet18", weights="none", img_size=32, limit_per_class=20, batch_size=16,
+             optim=OptimConfig(opt="sgd", lr=0.05), strategy="finetune", progress=False)
+
+
+def test_onecycle_is_fastais_fit_one_cycle():
+    schedule = make_schedule(OptimConfig(sched="onecycle", lr=0.1), steps_per_epoch=10, num_epochs=10)
+    lrs = np.array([float(schedule(i)) for i in range(101)])
+    assert lrs[0] == pytest.approx(0.1 / 25)
+    assert int(np.argmax(lrs)) == 25 and lrs[25] == pytest.approx(0.1)  # the peak after 25 % of the steps
+    assert lrs[100] == pytest.approx(0.1 / 1e5, rel=1e-3)
+    assert np.all(np.diff(lrs[:26]) > 0) and np.all(np.diff(lrs[25:]) < 0)
+    # cosine in both phases, as fastai's SchedCos
+    cos_up = 0.1 / 25 + (0.1 - 0.1 / 25) * (1 - np.cos(np.pi * 10 / 25)) / 2
+    cos_down = 0.1 / 1e5 + (0.1 - 0.1 / 1e5) * (1 + np.cos(np.pi * 30 / 75)) / 2
+    assert lrs[10] == pytest.approx(cos_up, rel=1e-5) and lrs[55] == pytest.approx(cos_down, rel=1e-5)
+    warm = make_schedule(OptimConfig(sched="onecycle", lr=0.1, warmup_epochs=1), 10, 10)
+    assert float(warm(0)) == 0.0 and float(warm(10)) == pytest.approx(0.1 / 25)
+
+
+def test_early_stop_reason_counts_epochs_since_the_best():
+    rs = [{"epoch": i, "val_loss": v, "val_top1": t} for i, (v, t) in enumerate(
+        [(1.0, 0.5), (0.8, 0.6), (0.9, 0.7), (0.85, 0.65)])]
+    assert early_stop_reason(rs, 2, "val_loss") is not None and "best 0.8000 after epoch 2" in early_stop_reason(
+        rs, 2, "val_loss")
+    assert early_stop_reason(rs, 3, "val_loss") is None
+    assert early_stop_reason(rs, 1, "val_top1") is not None and early_stop_reason(rs, 2, "val_top1") is None
+    assert early_stop_reason(rs, None, "val_loss") is None
+
+
+def test_early_stopping_stops_when_the_validation_loss_rises_and_exports_the_best(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    # The validation loss the loop sees is scripted (rising after the first epoch), the rest is the real run.
+    scripted = iter([1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
+    evaluate = Trainer.evaluate
+
+    def rising(self, variables, loader=None):
+        result = evaluate(self, variables, loader)
+        if loader is None:
+            result["val_loss"] = next(scripted)
+        return result
+
+    monkeypatch.setattr(Trainer, "evaluate", rising)
+    lines = []
+    out = tmp_path / "early"
+    result = jaxtl.train(TrainConfig(**SMALL, epochs=6, early_stop=2, output=str(out)), log=lines.append)
+    assert [r["epoch"] for r in result.records] == [0, 1, 2]
+    said = [line for line in lines if line.startswith("stopping early after epoch 3")]
+    assert said and "val_loss has not improved for 2 epochs (best 1.0000 after epoch 1)" in said[0]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["training"]["exported"] == "best" and "val_loss" in meta["training"]["stopped_early"]
+    steps_per_epoch = result.records[0]["step"]
+    best = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(steps_per_epoch) / "state").resolve())
+    exported = traverse_util.flatten_dict(jaxtl.load_model(out)[1])
+    for key, value in traverse_util.flatten_dict({"params": best["params"]}).items():
+        assert np.array_equal(exported[key], value), key
+    # A resume of the stopped run exports again without training.
+    again = jaxtl.train(TrainConfig(**SMALL, epochs=6, early_stop=2, output=str(out), resume=True),
+                        log=lines.append)
+    assert len(again.records) == 3
+
+
+def test_ece_and_balanced_accuracy_by_hand():
+    from jaxtl.training.evaluation import balanced_accuracy, expected_calibration_error
+
+    # Two bins used: 0.95 (2 examples, 1 right) and 0.55 (2 examples, both right).
+    confidence, correct = np.array([0.95, 0.95, 0.55, 0.55]), np.array([1, 0, 1, 1])
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
+    assert expected_calibration_error(np.array([1.0, 1 / 15]), np.array([1, 0])) == pytest.approx(
+        0.5 * 0 + 0.5 * (1 / 15))  # the edges fall in the first and last bin
+    assert balanced_accuracy(np.array([1.0, 0.5, np.nan])) == pytest.approx(0.75)
+
+
+def test_evaluate_reports_balanced_accuracy_calibration_and_recall(tmp_path, monkeypatch, capsys):
+    from jaxtl.evaluate import main as evaluate
+
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    out = tmp_path / "run"
+    jaxtl.train(TrainConfig(backbone="mobilenet_v2", strategy="feature_extract", epochs=2, limit_per_class=10,
+                            output=str(out), progress=False), log=lambda line: None)
+    assert evaluate(["--checkpoint", str(out), "--data", "digits", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recall = [v for v in got["per_class_top1"].values() if v is not None]
+    assert got["balanced_accuracy"] == pytest.approx(np.mean(recall))
+    assert 0 <= got["ece"] <= 1 and got["top1"] > 0.15  # above chance (0.1)
