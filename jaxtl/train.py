@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-patience", type=int, help="plateau: epochs without improvement (default 2)")
     g.add_argument("--plateau-factor", type=float, help="plateau: lr factor (default 0.1)")
     g.add_argument("--label-smoothing", type=float, help="default 0")
+    g.add_argument("--mixup", type=float, help="Mixup: Beta(alpha, alpha) of the mixing weight (timm; default 0: off)")
+    g.add_argument("--cutmix", type=float, help="CutMix: Beta(alpha, alpha) of the kept area (timm; default 0: off)")
+    g.add_argument("--mixup-prob", type=float, help="probability that an example is mixed (default 1)")
+    g.add_argument("--mixup-switch-prob", type=float, help="with --mixup and --cutmix: probability of CutMix "
+                                                           "(default 0.5)")
     g.add_argument("--clip-grad", type=float, help="clip gradients to this global norm")
     g.add_argument("--accum-steps", type=int, help="accumulate gradients over N batches (optax.MultiSteps)")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip steps with a NaN/Inf loss (counted) instead "

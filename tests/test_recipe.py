@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import optax
 from flax import traverse_util
 
 import jaxtl
@@ -100,3 +101,81 @@ def test_evaluate_reports_balanced_accuracy_calibration_and_recall(tmp_path, mon
     recall = [v for v in got["per_class_top1"].values() if v is not None]
     assert got["balanced_accuracy"] == pytest.approx(np.mean(recall))
     assert 0 <= got["ece"] <= 1 and got["top1"] > 0.15  # above chance (0.1)
+
+
+# --- Mixup and CutMix -------------------------------------------------------------------------
+
+
+def _mix_batch(n=8, size=16, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0, 1, (n, size, size, 3)).astype(np.float32),
+            np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n)])
+
+
+def test_mixed_targets_sum_to_one_and_cutmix_pastes_one_minus_lam_of_the_partner():
+    import jax
+
+    from jaxtl.data.mix import MixConfig, draw, mix_images, mix_targets, partner
+
+    images, targets = _mix_batch()
+    keys = jax.random.split(jax.random.key(0), 8)
+    for cfg in (MixConfig(mixup_alpha=0.8), MixConfig(cutmix_alpha=1.0), MixConfig(0.8, 1.0, prob=0.7)):
+        draws = draw(keys, 16, 16, cfg)
+        mixed = np.asarray(mix_targets(draws, targets))
+        assert np.allclose(mixed.sum(-1), 1.0, atol=1e-6)
+        x = np.asarray(mix_images(draws, images))
+        other = np.asarray(partner(images))
+        for i in np.flatnonzero(np.asarray(draws.cutmix)):  # the pasted box is exactly the partner's share
+            from_partner = np.all(x[i] == other[i], -1) & ~np.all(x[i] == images[i], -1)
+            assert from_partner.mean() == pytest.approx(1 - float(draws.lam[i]), abs=1e-6)
+    draws = draw(keys, 16, 16, MixConfig(0.8, 1.0, prob=0.0))  # nothing mixed: bit for bit
+    assert np.array_equal(np.asarray(mix_images(draws, images)), images)
+    assert np.array_equal(np.asarray(mix_targets(draws, targets)), targets)
+
+
+def test_mixup_with_alpha_towards_zero_is_no_mixup():
+    """Beta(a, a) with a -> 0 puts lam at 0 or 1: each example is itself or its partner, with the
+    partner's label, so the batch loss and gradient are those of no mixing; alpha 0 is mixing off."""
+    import jax
+
+    from jaxtl.data.mix import MixConfig
+    from jaxtl.optim import plateau_init
+    from jaxtl.training.state import create_train_state
+    from jaxtl.training.step import image_forward, make_train_step
+
+    class Linear:
+        def apply(self, variables, x, **kwargs):
+            return x.reshape(x.shape[0], -1) @ variables["params"]["w"], {}
+
+    images, onehot = _mix_batch(size=4)
+    batch = {"image": images, "label": onehot.argmax(-1).astype(np.int32), "weight": np.ones(8, np.float32)}
+    params = {"w": np.random.default_rng(1).normal(size=(48, 5)).astype(np.float32)}
+    tx = optax.sgd(1.0)
+
+    def step_with(mix):
+        forward = image_forward(Linear(), frozen=(), prepare=lambda keys, x: x, mix=mix)
+        step = jax.jit(make_train_step(forward, tx, num_classes=5, label_smoothing=0.1, mix=mix, mix_size=(4, 4)))
+        state = create_train_state({"params": params}, tx, 3, plateau_init(OptimConfig()))
+        new, metrics = step(state, {}, batch)
+        return np.asarray(new.params["w"]), float(metrics["loss_sum"])
+
+    plain_w, plain_loss = step_with(None)
+    tiny_w, tiny_loss = step_with(MixConfig(mixup_alpha=1e-3))
+    assert tiny_loss == pytest.approx(plain_loss, rel=1e-3)
+    np.testing.assert_allclose(tiny_w, plain_w, atol=1e-3 * np.abs(plain_w - params["w"]).max())
+    off_w, off_loss = step_with(MixConfig(mixup_alpha=0.0, cutmix_alpha=0.0))
+    assert np.array_equal(off_w, plain_w) and off_loss == plain_loss
+    mixed_w, _ = step_with(MixConfig(mixup_alpha=1.0))
+    assert not np.allclose(mixed_w, plain_w)  # mixing at alpha 1 does change the step
+
+
+def test_mixup_and_cutmix_train_from_the_command_line(tmp_path):
+    lines = []
+    result = jaxtl.train(TrainConfig(**SMALL, epochs=1, mixup=0.2, cutmix=1.0, output=str(tmp_path / "mix")),
+                         log=lines.append)
+    assert np.isfinite(result.final["train_loss"]) and result.final["val_top1"] >= 0
+    with pytest.raises(jaxtl.errors.ConfigError, match="add --no-cache-features"):
+        TrainConfig(strategy="feature_extract", mixup=0.2).validate()
+    with pytest.raises(jaxtl.errors.ConfigError, match="must be even"):
+        jaxtl.train(TrainConfig(**{**SMALL, "batch_size": 15}, epochs=1, mixup=0.2, output=str(tmp_path / "odd")),
+                    log=lines.append)

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from jaxtl.data.domains import SHIFTS
+from jaxtl.data.mix import MixConfig
 from jaxtl.errors import ConfigError
 from jaxtl.lora import LoraConfig
 from jaxtl.models import as_dtype
@@ -56,6 +57,10 @@ class TrainConfig:
     probe_blocks: int | None = None        # DINOv2/DINOv3: class tokens of the last N blocks in the features
     dtype: str = "float32"
     label_smoothing: float = 0.0
+    mixup: float = 0.0                     # Mixup's Beta(alpha, alpha); 0: off (timm's --mixup)
+    cutmix: float = 0.0                    # CutMix's Beta(alpha, alpha); 0: off (timm's --cutmix)
+    mixup_prob: float = 1.0                # probability that an example is mixed
+    mixup_switch_prob: float = 0.5         # with both: probability of CutMix instead of Mixup
     hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
     color_jitter: float = 0.0
     crop_scale: float = 0.08               # random resized crop: smallest area fraction (torchvision's 0.08)
@@ -112,6 +117,10 @@ class TrainConfig:
     def best_metric(self) -> str:
         """What the best checkpoint is ranked by: early stopping's metric, else validation top-1."""
         return self.early_stop_metric if self.early_stop is not None else "val_top1"
+
+    @property
+    def mix(self) -> MixConfig:
+        return MixConfig(self.mixup, self.cutmix, self.mixup_prob, self.mixup_switch_prob)
 
     @property
     def lora(self) -> LoraConfig:
@@ -192,6 +201,10 @@ class TrainConfig:
             raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
         if self.probe_blocks is not None and self.probe_blocks < 1:
             raise ConfigError(f"--probe-blocks must be >= 1, got {self.probe_blocks}")
+        if self.mix.enabled and self.cache_features:
+            raise ConfigError("--mixup/--cutmix mix images, and cached features have none: add --no-cache-features")
+        if self.mix.enabled and self.objective == DANN:
+            raise ConfigError("--mixup/--cutmix with --strategy dann is not supported; use one of them")
         kind = self.strategy.kind
         if kind == "lora":
             self.lora  # noqa: B018 - checks the LoRA options

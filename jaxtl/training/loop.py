@@ -173,6 +173,9 @@ class Trainer:
 
         self.dp = DataParallel(cfg.mapping)
         self.dp.check_batch_size(cfg.batch_size)
+        if cfg.mix.enabled and (cfg.batch_size // self.dp.num_devices) % 2:
+            raise ConfigError(f"--mixup/--cutmix mix neighbouring examples within a device: the batch per device "
+                              f"({cfg.batch_size // self.dp.num_devices}) must be even; change --batch-size")
         self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
         self.dp.check_batch_size(self.eval_batch_size, "--eval-batch-size")
 

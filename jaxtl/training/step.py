@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxtl.data.mix import MixConfig, draw, mix_images, mix_keys, mix_targets
 from jaxtl.models.layers import example_bernoulli, example_keys
 from jaxtl.training.state import TrainState, merge, select_like
 
@@ -31,12 +32,16 @@ from jaxtl.training.state import TrainState, merge, select_like
 Prepare = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def smoothed_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+    """One-hot targets, label-smoothed as torch.nn.CrossEntropyLoss(label_smoothing=...) does."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return onehot * (1.0 - label_smoothing) + label_smoothing / num_classes if label_smoothing else onehot
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0):
     """Per-example loss; the same formula as torch.nn.CrossEntropyLoss(label_smoothing=...)."""
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), smoothed_targets(labels, num_classes,
+                                                                                    label_smoothing))
 
 
 def _psum(x, axis_name):
@@ -79,7 +84,8 @@ Forward = Callable[..., tuple[jax.Array, Any]]
 Reparam = Callable[[dict, jax.Array], dict]
 
 
-def image_forward(model, *, frozen: Sequence[str], prepare: Prepare, reparam: Reparam | None = None) -> Forward:
+def image_forward(model, *, frozen: Sequence[str], prepare: Prepare, reparam: Reparam | None = None,
+                  mix: MixConfig | None = None) -> Forward:
     """Augment/normalise uint8 images on the device, then run the model in train mode.
 
     ``frozen`` groups run in inference mode (running BatchNorm statistics,
@@ -87,7 +93,8 @@ def image_forward(model, *, frozen: Sequence[str], prepare: Prepare, reparam: Re
     Each image is augmented with its own key (:func:`example_keys`); the
     model draws its dropout masks per example itself (it was built with the
     same ``axis_name``). ``reparam`` turns the variables into the model's
-    (adapters folded in) inside the differentiated function.
+    (adapters folded in) inside the differentiated function; ``mix`` mixes the
+    prepared images (:mod:`jaxtl.data.mix`; the loss mixes the targets alike).
     """
     frozen = tuple(frozen)
 
@@ -96,6 +103,8 @@ def image_forward(model, *, frozen: Sequence[str], prepare: Prepare, reparam: Re
         if reparam is not None:
             variables = reparam(variables, jax.random.fold_in(dropout_key, 1))
         x = prepare(example_keys(aug_key, images.shape[0], axis_name), images)
+        if mix is not None and mix.enabled:
+            x = mix_images(draw(example_keys(mix_keys(key), x.shape[0], axis_name), x.shape[1], x.shape[2], mix), x)
         logits, updates = model.apply(variables, x, train=True, frozen=frozen, mutable=["batch_stats"],
                                       rngs={"dropout": dropout_key})
         return logits, updates.get("batch_stats", variables.get("batch_stats", {}))
@@ -144,7 +153,8 @@ def l2sp_penalty(params: Any, reference: Any) -> jax.Array:
 
 
 def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_classes: int,
-                    label_smoothing: float = 0.0, l2sp: float = 0.0, axis_name: str | None = None):
+                    label_smoothing: float = 0.0, l2sp: float = 0.0, mix: MixConfig | None = None,
+                    mix_size: tuple[int, int] | None = None, axis_name: str | None = None):
     """The per-device train step for one strategy stage: ``(state, frozen, batch) -> (state, metrics)``.
 
     ``frozen`` holds the frozen groups' variables (:func:`jaxtl.strategies.split_variables`):
@@ -152,7 +162,8 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
     the backward pass of every layer whose inputs and parameters are all constant. With ``l2sp``,
     ``frozen[L2SP_REFERENCE]`` holds the pretrained values the trainable backbone is pulled
     towards: a constant of the step too, not a copy in the optimizer state. The reported loss is
-    the cross-entropy alone.
+    the cross-entropy alone. With ``mix`` (the same as the forward's), the targets are mixed with
+    the draws the forward pass made for images of ``mix_size`` (height, width).
     """
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
@@ -165,7 +176,12 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
         def loss_fn(params):
             variables = merge(frozen, {"params": params, "batch_stats": state.batch_stats})
             logits, batch_stats = forward(variables, batch["image"], key, axis_name)
-            per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
+            if mix is not None and mix.enabled:
+                draws = draw(example_keys(mix_keys(key), labels.shape[0], axis_name), *mix_size, mix)
+                targets = mix_targets(draws, smoothed_targets(labels, num_classes, label_smoothing))
+                per_example = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+            else:
+                per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
             loss = jnp.sum(per_example * weight) / total
