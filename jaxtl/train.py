@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default 0: off)")
     g.add_argument("--crop-scale", type=float, help="random resized crop: smallest area fraction kept (default 0.08, "
                                                     "torchvision's; larger is milder)")
+    g.add_argument("--aa", help="automatic augmentation, timm's strings: rand-m9-mstd0.5 (RandAugment: m magnitude "
+                                "0-10, n ops, mstd, inc1, mmax, p), trivial (TrivialAugmentWide)")
+    g.add_argument("--reprob", type=float, help="random erasing probability (timm, mode pixel; default 0)")
     g.add_argument("--workers", type=int, help="decoding threads (default 2)")
 
     g = p.add_argument_group("strategy")
@@ -186,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint; "
                                                          "with a larger --epochs, extend a finished run")
     g.add_argument("--keep-checkpoints", type=int, help="latest checkpoints kept, besides the best (default 2)")
-    g.add_argument("--export", choices=["last", "best"], help="which weights to export at the end (default last)")
+    g.add_argument("--export", choices=["last", "best", "ema"],
+                   help="which weights to export at the end (default last; ema: the moving average, --model-ema)")
+    g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights "
+                                                            "(timm); evaluated every epoch beside the raw weights")
+    g.add_argument("--model-ema-decay", type=float, help="the average's decay per step (default 0.9998)")
+    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction,
+                   help="decay min(d, (1 + t) / (10 + t)) at update t, so early steps weigh more (default on)")
     g.add_argument("--mapping", choices=["shard_map", "pmap"], help="how steps map over devices (default "
                                                                     "shard_map)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

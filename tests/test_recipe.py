@@ -169,13 +169,86 @@ def test_mixup_with_alpha_towards_zero_is_no_mixup():
     assert not np.allclose(mixed_w, plain_w)  # mixing at alpha 1 does change the step
 
 
-def test_mixup_and_cutmix_train_from_the_command_line(tmp_path):
+def test_mixup_cutmix_randaugment_and_erasing_train_together(tmp_path):
     lines = []
-    result = jaxtl.train(TrainConfig(**SMALL, epochs=1, mixup=0.2, cutmix=1.0, output=str(tmp_path / "mix")),
-                         log=lines.append)
+    result = jaxtl.train(TrainConfig(**SMALL, epochs=1, mixup=0.2, cutmix=1.0, aa="rand-m9-mstd0.5-inc1",
+                                     reprob=0.25, output=str(tmp_path / "mix")), log=lines.append)
     assert np.isfinite(result.final["train_loss"]) and result.final["val_top1"] >= 0
     with pytest.raises(jaxtl.errors.ConfigError, match="add --no-cache-features"):
         TrainConfig(strategy="feature_extract", mixup=0.2).validate()
     with pytest.raises(jaxtl.errors.ConfigError, match="must be even"):
         jaxtl.train(TrainConfig(**{**SMALL, "batch_size": 15}, epochs=1, mixup=0.2, output=str(tmp_path / "odd")),
                     log=lines.append)
+
+
+# --- EMA of the weights ---------------------------------------------------------------------------
+
+
+def test_ema_with_decay_zero_is_the_raw_weights_and_both_are_evaluated(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    result = jaxtl.train(TrainConfig(**SMALL, epochs=2, model_ema=True, model_ema_decay=0.0, model_ema_warmup=False,
+                                     export="ema", output=str(tmp_path / "ema0")), log=lambda line: None)
+    raw, ema = jax.device_get(result.state.variables), jax.device_get(result.state.ema)
+    for a, b in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(ema["params"])):
+        assert np.array_equal(a, b)
+    # The running statistics come out of the forward pass, whose last update XLA fuses once into the
+    # state's copy and once into the average's: the two may round apart by float32 rounding.
+    for a, b in zip(jax.tree.leaves(raw["batch_stats"]), jax.tree.leaves(ema["batch_stats"])):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * np.abs(a).max())
+    for r in result.records:
+        assert r["ema_val_top1"] == pytest.approx(r["val_top1"], abs=2 / 40)  # an image or two at a boundary
+        assert r["ema_val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+    # With a real decay the average lags the weights, and --export ema exports it.
+    result = jaxtl.train(TrainConfig(**SMALL, epochs=2, model_ema=True, model_ema_decay=0.9, export="ema",
+                                     output=str(tmp_path / "ema")), log=lambda line: None)
+    ema = traverse_util.flatten_dict(jax.device_get(result.state.ema))
+    raw = traverse_util.flatten_dict(jax.device_get(result.state.variables))
+    assert any(not np.array_equal(ema[k], raw[k]) for k in ema)
+    exported = traverse_util.flatten_dict(jaxtl.load_model(tmp_path / "ema")[1])
+    assert all(np.array_equal(exported[k], v) for k, v in ema.items())
+    assert json.loads((tmp_path / "ema" / "meta.json").read_text())["training"]["exported"] == "ema"
+    with pytest.raises(jaxtl.errors.ConfigError, match="add --model-ema"):
+        TrainConfig(export="ema").validate()
+
+
+def test_the_ema_warms_up_like_tensorflows_num_updates():
+    import jax.numpy as jnp
+
+    from jaxtl.training.state import EmaConfig
+
+    ema = EmaConfig(decay=0.99, warmup=True)
+    first = ema.update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, jnp.asarray(0))["w"]
+    assert float(first) == pytest.approx(0.9)  # decay 1/10 at the first update
+    late = ema.update({"w": jnp.zeros(())}, {"w": jnp.ones(())}, jnp.asarray(10_000))["w"]
+    assert float(late) == pytest.approx(0.01)  # the decay itself once (1 + t) / (10 + t) exceeds it
+
+
+def test_augmentation_policies_leave_the_other_draws_alone():
+    """RandAugment and random erasing draw from keys of their own: switched on with nothing to do
+    (probability 0), the crops, flips and jitter are bit for bit those of a run without them."""
+    import jax
+
+    from functools import partial
+
+    from jaxtl.data.augment import train_augment
+    from jaxtl.data.autoaugment import AutoAugment, auto_augment, random_erasing
+    from jaxtl.data.preprocessing import Preprocessing
+
+    pre = Preprocessing(input_size=24, resize_size=28)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 3), dtype=np.uint8)
+    key = jax.random.key(3)
+    plain = train_augment(key, images, pre, jitter=(0.4, 0.4, 0.4, 0.1))
+    idle = train_augment(key, images, pre, jitter=(0.4, 0.4, 0.4, 0.1),
+                         auto=partial(auto_augment, aa=AutoAugment("rand", prob=0.0)),
+                         erase=partial(random_erasing, prob=0.0))
+    busy = train_augment(key, images, pre, jitter=(0.4, 0.4, 0.4, 0.1),
+                         auto=partial(auto_augment, aa=AutoAugment("rand", magnitude=9)),
+                         erase=partial(random_erasing, prob=1.0))
+    assert np.array_equal(np.asarray(plain), np.asarray(idle))
+    assert not np.allclose(np.asarray(plain), np.asarray(busy))
+    with pytest.raises(jaxtl.errors.ConfigError, match="--aa 'rand-x'"):
+        TrainConfig(strategy="finetune", aa="rand-x").validate()
+    with pytest.raises(jaxtl.errors.ConfigError, match="would do nothing"):
+        TrainConfig(strategy="feature_extract", aa="trivial").validate()

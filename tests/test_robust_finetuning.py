@@ -28,6 +28,7 @@ from jaxtl.wise_ft import interpolate
 RUN = dict(backbone="mobilenet_v2", data="digits", img_size=32, limit_per_class=8, batch_size=16,
            optim=jaxtl.OptimConfig(opt="sgd", lr=0.05), epochs=2, progress=False, seed=1)
 EPS32 = float(np.finfo(np.float32).eps)
+EMA = dict(model_ema=True, model_ema_decay=0.9)  # the LoRA runs keep an EMA too: the resume must restore it
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +66,7 @@ def is_head(path: tuple) -> bool:
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "whole"
-    run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+    run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, **EMA)
     return out
 
 
@@ -139,9 +140,9 @@ def test_lora_resumed_mid_epoch_matches_an_uninterrupted_run(lora_run, tmp_path,
 
     monkeypatch.setattr(Trainer, "_read_metrics", interrupt_in_epoch_two)
     with pytest.raises(Interrupted, match="interrupted at epoch 2, batch"):
-        run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+        run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, **EMA)
     monkeypatch.setattr(Trainer, "_read_metrics", read)
-    run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, resume=True)
+    run(out, strategy="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, **EMA, resume=True)
     a, b = exported(lora_run), exported(out)
     for path in a:
         assert np.array_equal(a[path], b[path]), f"{'/'.join(path)} differs after the resume"

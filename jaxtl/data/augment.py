@@ -400,23 +400,33 @@ def _color_jitter(key, images, ranges, random_order):
 
 def train_augment(key, images_uint8, pre: Preprocessing, *, hflip: bool = True,
                   jitter: tuple[Range, Range, Range, Range] = (0.0, 0.0, 0.0, 0.0),
-                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter_random_order: bool = True):
-    """Random resized crop -> horizontal flip -> colour jitter -> normalise.
+                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter_random_order: bool = True,
+                  auto=None, erase=None):
+    """Random resized crop -> horizontal flip -> colour jitter -> automatic augmentation -> normalise
+    -> random erasing (timm's order).
 
     ``images_uint8``: NHWC from the host (resized and center-cropped to
     ``pre.resize_size``). Returns float32 NHWC at ``pre.input_size``,
     normalised with ``pre.mean`` / ``pre.std``. ``jitter`` is (brightness,
     contrast, saturation, hue) as in :func:`color_jitter`. ``key``: one key
     per image (each image's crop, flip and jitter come from its own key), or
-    one key for the batch. Bind everything but ``key`` and ``images`` with
-    ``functools.partial`` before jitting.
+    one key for the batch. ``auto(keys, images)``: automatic augmentation on [0, 255] images (a
+    policy of :mod:`jaxtl.data.autoaugment` bound with ``functools.partial``); ``erase(keys,
+    images)``: random erasing on the normalised images. Bind everything but ``key`` and ``images``
+    with ``functools.partial`` before jitting.
     """
     k_crop, k_flip, k_jitter = _split_each(image_keys(key, images_uint8.shape[0]), 3)
     x = random_resized_crop(k_crop, images_uint8, pre.input_size, scale, ratio)
     if hflip:
         x = random_horizontal_flip(k_flip, x)
     x = color_jitter(k_jitter, x, *jitter, random_order=jitter_random_order)
-    return normalize(x, pre, xp=jnp)
+    # Keys of their own, folded from the crop's, so the draws above stay what they were without them.
+    if auto is not None:
+        x = auto(jax.vmap(lambda k: jax.random.fold_in(k, 1))(k_crop), x)
+    x = normalize(x, pre, xp=jnp)
+    if erase is not None:
+        x = erase(jax.vmap(lambda k: jax.random.fold_in(k, 2))(k_crop), x)
+    return x
 
 
 def eval_prepare(images_uint8, pre: Preprocessing):

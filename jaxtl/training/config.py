@@ -64,6 +64,8 @@ class TrainConfig:
     hflip: bool | None = None              # None: on unless the data says flips change the class (digits)
     color_jitter: float = 0.0
     crop_scale: float = 0.08               # random resized crop: smallest area fraction (torchvision's 0.08)
+    aa: str | None = None                  # automatic augmentation, timm's strings: "rand-m9-mstd0.5", "trivial"
+    reprob: float = 0.0                    # random erasing probability (timm's --reprob)
     seed: int = 0
     output: str = "runs/default"
     resume: bool = False
@@ -83,7 +85,10 @@ class TrainConfig:
     workers: int = 2
     keep_checkpoints: int = 2
     skip_nonfinite: bool = False
-    export: str = "last"                   # "last" or "best"
+    export: str = "last"                   # "last", "best" or "ema"
+    model_ema: bool = False                # keep an exponential moving average of the weights (timm)
+    model_ema_decay: float = 0.9998
+    model_ema_warmup: bool = True          # decay min(d, (1 + t) / (10 + t)) at update t
     early_stop: int | None = None          # patience in epochs; the run then exports its best checkpoint
     early_stop_metric: str = "val_loss"    # or "val_top1"; with early_stop, also what "best" ranks by
     allow_download: bool = True
@@ -117,6 +122,20 @@ class TrainConfig:
     def best_metric(self) -> str:
         """What the best checkpoint is ranked by: early stopping's metric, else validation top-1."""
         return self.early_stop_metric if self.early_stop is not None else "val_top1"
+
+    @property
+    def ema(self):
+        """The EMA's configuration, or None without --model-ema."""
+        from jaxtl.training.state import EmaConfig
+
+        return EmaConfig(self.model_ema_decay, self.model_ema_warmup) if self.model_ema else None
+
+    @property
+    def auto_augment(self):
+        """The parsed ``aa`` policy, or None."""
+        from jaxtl.data.autoaugment import parse_auto_augment
+
+        return parse_auto_augment(self.aa) if self.aa is not None else None
 
     @property
     def mix(self) -> MixConfig:
@@ -182,7 +201,12 @@ class TrainConfig:
         if self.domain_weight < 0:
             raise ConfigError(f"--domain-weight must be >= 0, got {self.domain_weight}")
         augments = [flag for flag, on in (("--hflip", self.hflip), ("--color-jitter", self.color_jitter),
-                                          ("--crop-scale", self.crop_scale != 0.08)) if on]
+                                          ("--crop-scale", self.crop_scale != 0.08), ("--aa", self.aa),
+                                          ("--reprob", self.reprob)) if on]
+        if self.aa is not None:
+            self.auto_augment  # noqa: B018 - a bad --aa string is one line now
+        if not 0 <= self.reprob <= 1:
+            raise ConfigError(f"--reprob must be in [0, 1], got {self.reprob}")
         if self.cache_features and augments:
             raise ConfigError(f"{' and '.join(augments)} would do nothing: the features are cached once, without "
                               "augmentation (the default for feature_extract); add --no-cache-features to augment "
@@ -233,8 +257,14 @@ class TrainConfig:
                                   "feature_extract leaves the backbone as it was")
             if self.weights == "none":
                 raise ConfigError("--wise-ft interpolates towards pretrained weights; drop --weights none")
-        if self.export not in ("last", "best"):
-            raise ConfigError(f"--export must be 'last' or 'best', got {self.export!r}")
+        if self.export not in ("last", "best", "ema"):
+            raise ConfigError(f"--export must be 'last', 'best' or 'ema', got {self.export!r}")
+        if self.export == "ema" and not self.model_ema:
+            raise ConfigError("--export ema exports the moving average of the weights: add --model-ema")
+        if self.model_ema and not 0 <= self.model_ema_decay < 1:
+            raise ConfigError(f"--model-ema-decay must be in [0, 1), got {self.model_ema_decay}")
+        if self.model_ema and self.objective == DANN:
+            raise ConfigError("--model-ema with --strategy dann is not supported; use one of them")
         if self.early_stop is not None and self.early_stop < 1:
             raise ConfigError(f"--early-stop must be >= 1 epoch of patience, got {self.early_stop}")
         if self.early_stop_metric not in EARLY_STOP_METRICS:

@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxtl import runtime
 from jaxtl.data.augment import eval_prepare, train_augment
+from jaxtl.data.autoaugment import auto_augment, mean_fill, random_erasing
 from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, ProcessLost, TrainingError
@@ -223,8 +224,14 @@ class Trainer:
         self.head_drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
+        auto = erase = None
+        if cfg.aa is not None:  # RandAugment fills with the mean colour, TrivialAugment with black (as torchvision)
+            policy = cfg.auto_augment
+            auto = partial(auto_augment, aa=policy, fill=mean_fill(self.pre.mean) if policy.kind == "rand" else None)
+        if cfg.reprob > 0:
+            erase = partial(random_erasing, prob=cfg.reprob)
         self.prepare_train = partial(train_augment, pre=self.pre, hflip=hflip, jitter=jitter,
-                                     scale=(cfg.crop_scale, 1.0))
+                                     scale=(cfg.crop_scale, 1.0), auto=auto, erase=erase)
         self.prepare_eval = partial(eval_prepare, pre=self.pre)
         self._compiled: dict[int, _StageSteps] = {}
         self._placed: dict[int, Any] = {}  # evaluation batches of cached features, on the devices
@@ -436,7 +443,7 @@ class Trainer:
         return split_variables(self.spec, variables, frozen, self.extra_keys, self.cfg.strategy.leaf_trains)
 
     def _new_state(self, trainable: dict, tx) -> TrainState:
-        return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim))
+        return create_train_state(trainable, tx, self.cfg.seed, plateau_init(self.cfg.optim), ema=self.cfg.model_ema)
 
     def _enter_stage(self, state: TrainState, old: Stage, new: Stage) -> TrainState:
         """Groups unfrozen at a stage boundary join the state with their starting values (frozen until
@@ -452,14 +459,20 @@ class Trainer:
         params, batch_stats = merge(joined["params"], state.params), merge(joined["batch_stats"], state.batch_stats)
         old_steps, new_steps = self.compiled(old), self.compiled(new)
         opt_state = carry_over(state.opt_state, new_steps.tx.init(params), old_steps.labels, new_steps.labels)
-        return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+        ema = state.ema
+        if ema is not None:  # a group joins the average with its starting values
+            ema = {"params": merge(joined["params"], ema["params"]),
+                   "batch_stats": merge(joined["batch_stats"], ema["batch_stats"])}
+        return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
 
-    def variables_of(self, state: TrainState, stage: Stage) -> dict:
+    def variables_of(self, state: TrainState, stage: Stage, ema: bool = False) -> dict:
         """The model's variables: ``stage``'s frozen constants and the state's trainable part (the
-        objective's own parameters left out). With cached features, what evaluation reads: the head."""
+        objective's own parameters left out), or with ``ema`` its moving average. With cached
+        features, what evaluation reads: the head."""
+        trained = state.ema if ema else state.variables
         if self.cfg.cache_features:
-            return state.variables
-        variables = merge(self.compiled(stage).frozen, state.variables)
+            return trained
+        variables = merge(self.compiled(stage).frozen, trained)
         variables.pop(L2SP_REFERENCE, None)
         if self.reparam is not None:
             variables = self._fold(variables)
@@ -597,6 +610,14 @@ class Trainer:
                     target_eval = self.evaluate(variables, self.target_val_loader)
                     record.update(target_val_loss=target_eval["val_loss"], target_val_top1=target_eval["val_top1"],
                                   target_val_top5=target_eval["val_top5"])
+                if state.ema is not None:  # the moving average, evaluated beside the raw weights
+                    ema_variables = self.variables_of(state, stage, ema=True)
+                    ema_eval = self.evaluate(ema_variables)
+                    record.update(ema_val_loss=ema_eval["val_loss"], ema_val_top1=ema_eval["val_top1"],
+                                  ema_val_top5=ema_eval["val_top5"])
+                    if self.target_val_loader is not None:
+                        record["ema_target_val_top1"] = self.evaluate(ema_variables,
+                                                                      self.target_val_loader)["val_top1"]
                 if nonfinite:
                     record["nonfinite_skipped"] = nonfinite
                 records.append(record)
@@ -712,7 +733,8 @@ class Trainer:
             export_state, _, _ = self._restore(self.ckpts.best_step())
         final = records[-1] if records else {}
         # The frozen groups never changed: the run's starting variables with what trained on top.
-        variables = merge(self.variables, jax.device_get(export_state.variables))
+        trained = export_state.ema if exported == "ema" else export_state.variables
+        variables = merge(self.variables, jax.device_get(trained))
         if self.reparam is not None:  # LoRA's factors folded into their kernels: the plain backbone
             variables = merge_factors(variables, cfg.lora.scale)
         for key in self.extra_keys:  # the objective's own parameters stay behind

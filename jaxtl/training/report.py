@@ -64,6 +64,8 @@ def epoch_line(r: dict, epochs: int) -> str:
              f"lr {r['lr']:.3g}", f"{r['seconds']:.1f}s"]
     if r.get("target_val_top1") is not None:
         parts.insert(3, f"target top1 {r['target_val_top1']:.4f}")
+    if r.get("ema_val_top1") is not None:
+        parts.insert(3, f"ema val loss {r['ema_val_loss']:.4f} top1 {r['ema_val_top1']:.4f}")
     if r.get("domain_acc") is not None:
         parts.insert(-2, f"domain acc {r['domain_acc']:.3f} (lambda {r['dann_lambda']:.2f})")
     if r.get("strategy_stage") is not None:

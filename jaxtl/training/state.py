@@ -41,6 +41,7 @@ class TrainState:
     opt_state: Any           # over ``params``
     rng: jax.Array           # uint32 key data of the run's root key
     plateau: Any             # optax.contrib reduce_on_plateau state; plateau.scale multiplies the updates
+    ema: Any = None          # --model-ema: {"params", "batch_stats"} averaged over steps; None: no EMA
 
     @property
     def key(self) -> jax.Array:
@@ -56,17 +57,38 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(trainable: dict, tx, seed: int, plateau_state: Any) -> TrainState:
-    """The first state of a run from its trainable variables (``split_variables(...)[0]``)."""
+def create_train_state(trainable: dict, tx, seed: int, plateau_state: Any, ema: bool = False) -> TrainState:
+    """The first state of a run from its trainable variables (``split_variables(...)[0]``); with
+    ``ema``, the average starts at them."""
     params = trainable["params"]
+    batch_stats = trainable.get("batch_stats", {})
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=trainable.get("batch_stats", {}),
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=jax.random.key_data(make_key(seed)),
         plateau=plateau_state,
+        ema=jax.tree.map(jnp.array, {"params": params, "batch_stats": batch_stats}) if ema else None,
     )
+
+
+@struct.dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, as timm's ``--model-ema``: ``ema = d * ema + (1 - d) *
+    weights`` after every step, over the parameters and BatchNorm statistics that train. With ``warmup``,
+    ``d = min(decay, (1 + t) / (10 + t))`` at the t-th update (TensorFlow's ``num_updates`` warm-up, which
+    timm's ``ModelEmaV2`` era recipes used), so that the average forgets its random start quickly."""
+
+    decay: float = struct.field(pytree_node=False, default=0.9998)
+    warmup: bool = struct.field(pytree_node=False, default=True)
+
+    def update(self, ema: Any, new: Any, step: jax.Array) -> Any:
+        decay = jnp.asarray(self.decay, jnp.float32)
+        if self.warmup:
+            t = step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        return jax.tree.map(lambda e, w: (decay * e + (1.0 - decay) * w).astype(e.dtype), ema, new)
 
 
 def merge(*trees: Mapping) -> dict:

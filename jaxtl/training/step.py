@@ -26,7 +26,7 @@ from jax import lax
 
 from jaxtl.data.mix import MixConfig, draw, mix_images, mix_keys, mix_targets
 from jaxtl.models.layers import example_bernoulli, example_keys
-from jaxtl.training.state import TrainState, merge, select_like
+from jaxtl.training.state import EmaConfig, TrainState, merge, select_like
 
 # (one key per image, uint8 images) -> float32 model input
 Prepare = Callable[[jax.Array, jax.Array], jax.Array]
@@ -55,7 +55,7 @@ def step_key(state: TrainState) -> jax.Array:
 
 
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats: Any,
-                    tx: optax.GradientTransformation, axis_name: str | None):
+                    tx: optax.GradientTransformation, axis_name: str | None, ema: EmaConfig | None = None):
     """The update every objective shares: sum over devices, optimizer, plateau scale, non-finite guard.
 
     ``grads`` and ``loss`` are this device's; returns ``(new state, global loss, gradient norm, finite)``.
@@ -71,6 +71,8 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, batch_stats:
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
+    if ema is not None and state.ema is not None:  # the average of the weights this step produced
+        new = new.replace(ema=ema.update(state.ema, select_like(new.variables, state.ema), state.step))
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
     return new, loss, grad_norm, finite
 
@@ -154,7 +156,8 @@ def l2sp_penalty(params: Any, reference: Any) -> jax.Array:
 
 def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_classes: int,
                     label_smoothing: float = 0.0, l2sp: float = 0.0, mix: MixConfig | None = None,
-                    mix_size: tuple[int, int] | None = None, axis_name: str | None = None):
+                    mix_size: tuple[int, int] | None = None, ema: EmaConfig | None = None,
+                    axis_name: str | None = None):
     """The per-device train step for one strategy stage: ``(state, frozen, batch) -> (state, metrics)``.
 
     ``frozen`` holds the frozen groups' variables (:func:`jaxtl.strategies.split_variables`):
@@ -192,7 +195,7 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
             return objective, (loss, logits, select_like(batch_stats, state.batch_stats))
 
         (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new, loss, grad_norm, finite = apply_gradients(state, grads, loss, batch_stats, tx, axis_name)
+        new, loss, grad_norm, finite = apply_gradients(state, grads, loss, batch_stats, tx, axis_name, ema)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
         metrics = {"loss_sum": loss * total, "correct": _psum(correct, axis_name), "count": total,
                    "grad_norm": grad_norm, "finite": finite}
