@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never download weights; fail with instructions instead")
     g.add_argument("--img-size", type=int, help="input size (default: the weights'); ViT position embeddings are "
                                                 "resampled")
+    g.add_argument("--drop-path", type=float, help="stochastic depth: the last block's drop rate, growing linearly "
+                                                   "from 0 at the first (EfficientNet, ConvNeXt, ViTs; default: the "
+                                                   "weights' own, e.g. torchvision's 0.2 for EfficientNet)")
     g.add_argument("--probe-blocks", type=int, help="DINOv2/DINOv3: features from the class tokens of the last N "
                                                     "blocks and the patch mean (default 1; the papers' 4-block "
                                                     "linear probe: 4)")
@@ -172,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-patience", type=int, help="plateau: epochs without improvement (default 2)")
     g.add_argument("--plateau-factor", type=float, help="plateau: lr factor (default 0.1)")
     g.add_argument("--label-smoothing", type=float, help="default 0")
+    g.add_argument("--class-weights", choices=["balanced"],
+                   help="loss weights n / (classes x n_class) from the training set's class counts")
+    g.add_argument("--balanced-sampler", action="store_true",
+                   help="draw training examples by inverse class frequency, with replacement (reproducible)")
     g.add_argument("--mixup", type=float, help="Mixup: Beta(alpha, alpha) of the mixing weight (timm; default 0: off)")
     g.add_argument("--cutmix", type=float, help="CutMix: Beta(alpha, alpha) of the kept area (timm; default 0: off)")
     g.add_argument("--mixup-prob", type=float, help="probability that an example is mixed (default 1)")

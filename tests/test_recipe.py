@@ -252,3 +252,86 @@ def test_augmentation_policies_leave_the_other_draws_alone():
         TrainConfig(strategy="finetune", aa="rand-x").validate()
     with pytest.raises(jaxtl.errors.ConfigError, match="would do nothing"):
         TrainConfig(strategy="feature_extract", aa="trivial").validate()
+
+
+# --- class imbalance ------------------------------------------------------------------------------
+
+
+def _imbalanced_folder(root, counts=(24, 6)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(counts):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_balanced_class_weights_change_the_loss_as_computed_by_hand(tmp_path, monkeypatch):
+    import jax
+
+    from jaxtl.optim import plateau_init
+    from jaxtl.training.state import create_train_state
+    from jaxtl.training.step import cross_entropy, make_train_step
+
+    # The step's loss against the hand-written weighted mean (torch's CrossEntropyLoss(weight=w)).
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    labels = np.array([0, 0, 0, 0, 1, 1], np.int32)
+    params = {"w": rng.normal(size=(4, 2)).astype(np.float32)}
+    weights = np.array([0.75, 1.5], np.float32)
+    forward = lambda v, images, key, axis_name=None: (images @ v["params"]["w"], {})  # noqa: E731
+    tx = optax.sgd(0.1)
+    state = create_train_state({"params": params}, tx, 0, plateau_init(OptimConfig()))
+    batch = {"image": x, "label": labels, "weight": np.ones(6, np.float32)}
+    _, weighted = jax.jit(make_train_step(forward, tx, num_classes=2, class_weights=weights))(state, {}, batch)
+    _, plain = jax.jit(make_train_step(forward, tx, num_classes=2))(state, {}, batch)
+    per_example = np.asarray(cross_entropy(x @ params["w"], labels, 2))
+    by_hand = np.sum(weights[labels] * per_example) / np.sum(weights[labels])
+    assert float(weighted["loss_sum"]) / 6 == pytest.approx(by_hand, rel=1e-6)
+    assert float(plain["loss_sum"]) / 6 == pytest.approx(per_example.mean(), rel=1e-6)
+    assert by_hand != pytest.approx(per_example.mean(), rel=1e-3)
+
+    # On an imbalanced folder: weights n / (classes x n_class), and a sampler that evens the classes out.
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    folder = _imbalanced_folder(tmp_path / "photos")
+    lines = []
+    cfg = TrainConfig(**{**SMALL, "limit_per_class": None, "batch_size": 8}, data=str(folder), epochs=1,
+                      class_weights="balanced", balanced_sampler=True, output=str(tmp_path / "run"))
+    trainer = Trainer(cfg, log=lines.append)
+    try:
+        counts = np.bincount(trainer.data.train.labels)
+        np.testing.assert_allclose(trainer.class_weights, counts.sum() / (2 * counts), rtol=1e-6)
+        drawn = np.concatenate([trainer.data.train.labels[trainer.train_loader.order(e)] for e in range(20)])
+        assert abs(np.mean(drawn == 0) - 0.5) < 0.05  # the majority class is 80 % of the folder
+        assert trainer.train_loader.order(3).tolist() == trainer.train_loader.order(3).tolist()
+        result = trainer.run()
+    finally:
+        trainer.ckpts.close()
+    assert np.isfinite(result.final["train_loss"])
+    assert any("training images per class from" in line for line in lines)
+
+
+def test_drop_path_sets_stochastic_depth_where_a_family_has_it(tmp_path, monkeypatch):
+    import jax
+
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    base = dict(weights="none", img_size=32, limit_per_class=4, batch_size=8, strategy="finetune", progress=False)
+    trainer = Trainer(TrainConfig(backbone="vit_tiny_patch16_224", drop_path=0.5, output=str(tmp_path / "vit"), **base),
+                      log=lambda line: None)
+    try:
+        assert trainer.model.drop_path_rate == 0.5 and trainer.model_kwargs["drop_path_rate"] == 0.5
+        x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+        params = {"params": trainer.variables["params"]}
+        run = lambda rate: jaxtl.create_model(trainer.spec.name, trainer.num_classes, img_size=32,  # noqa: E731
+                                              drop_path_rate=rate).apply(params, x, train=True,
+                                                                         rngs={"dropout": jax.random.key(0)})
+        assert not np.allclose(run(0.5), run(0.0))  # the rate is live in training
+    finally:
+        trainer.ckpts.close()
+        trainer.lock.release()
+    with pytest.raises(jaxtl.errors.ConfigError, match="resnet18 has no stochastic depth"):
+        Trainer(TrainConfig(backbone="resnet18", drop_path=0.1, output=str(tmp_path / "r18"), **base),
+                log=lambda line: None)

@@ -50,7 +50,8 @@ class BatchPlan:
     """Which examples form each batch of an epoch (shared by images and cached features)."""
 
     def __init__(self, n: int, batch_size: int, *, train: bool, seed: int = 0, shuffle: bool | None = None,
-                 drop_last: bool | None = None, process_index: int = 0, process_count: int = 1):
+                 drop_last: bool | None = None, process_index: int = 0, process_count: int = 1,
+                 sample_weights: np.ndarray | None = None):
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}")
         if batch_size % process_count:
@@ -59,6 +60,8 @@ class BatchPlan:
         self.shuffle = train if shuffle is None else shuffle
         self.drop_last = train if drop_last is None else drop_last
         self.process_index, self.process_count = process_index, process_count
+        # With weights, an epoch is n draws with replacement, as torch's WeightedRandomSampler.
+        self.sample_weights = None if sample_weights is None else np.asarray(sample_weights, np.float64)
         if self.drop_last and n < batch_size:
             raise ConfigError(f"the training set has {n} images, fewer than one batch of {batch_size}; "
                               "lower --batch-size")
@@ -73,6 +76,9 @@ class BatchPlan:
     def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n)
+        if self.sample_weights is not None:
+            p = self.sample_weights / self.sample_weights.sum()
+            return np.random.default_rng([self.seed, epoch]).choice(self.n, size=self.n, replace=True, p=p)
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def local_slices(self, epoch: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -134,9 +140,10 @@ class Loader(BatchPlan):
 
     def __init__(self, source: Source, pre: Preprocessing, *, batch_size: int, train: bool, seed: int = 0,
                  shuffle: bool | None = None, drop_last: bool | None = None, workers: int = 2, prefetch: int = 2,
-                 process_index: int = 0, process_count: int = 1, put: Callable[[dict], Any] | None = None):
+                 process_index: int = 0, process_count: int = 1, put: Callable[[dict], Any] | None = None,
+                 sample_weights: np.ndarray | None = None):
         super().__init__(len(source), batch_size, train=train, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count, sample_weights=sample_weights)
         self.source, self.pre = source, pre
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
         self.put = put or (lambda b: b)
@@ -191,9 +198,9 @@ class ArrayLoader(BatchPlan):
 
     def __init__(self, inputs: np.ndarray, labels: np.ndarray, weight: np.ndarray, *, batch_size: int, train: bool,
                  seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 put: Callable[[dict], Any] | None = None):
+                 put: Callable[[dict], Any] | None = None, sample_weights: np.ndarray | None = None):
         super().__init__(len(inputs), batch_size, train=train, seed=seed, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, sample_weights=sample_weights)
         self.inputs, self.labels, self.weight = inputs, labels, weight
         self.put = put or (lambda b: b)
 

@@ -55,8 +55,11 @@ class TrainConfig:
     eval_batch_size: int | None = None
     img_size: int | None = None
     probe_blocks: int | None = None        # DINOv2/DINOv3: class tokens of the last N blocks in the features
+    drop_path: float | None = None         # stochastic depth rate of the last block (None: the weights' default)
     dtype: str = "float32"
     label_smoothing: float = 0.0
+    class_weights: str | None = None       # "balanced": loss weights n / (classes x n_class) from the training set
+    balanced_sampler: bool = False         # draw training examples with probability 1 / n_class (with replacement)
     mixup: float = 0.0                     # Mixup's Beta(alpha, alpha); 0: off (timm's --mixup)
     cutmix: float = 0.0                    # CutMix's Beta(alpha, alpha); 0: off (timm's --cutmix)
     mixup_prob: float = 1.0                # probability that an example is mixed
@@ -223,8 +226,14 @@ class TrainConfig:
             raise ConfigError(f"--color-jitter must be >= 0, got {self.color_jitter}")
         if self.img_size is not None and self.img_size < 16:
             raise ConfigError(f"--img-size must be >= 16, got {self.img_size}")
+        if self.drop_path is not None and not 0 <= self.drop_path < 1:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if self.probe_blocks is not None and self.probe_blocks < 1:
             raise ConfigError(f"--probe-blocks must be >= 1, got {self.probe_blocks}")
+        if self.class_weights not in (None, "balanced"):
+            raise ConfigError(f"--class-weights takes 'balanced', got {self.class_weights!r}")
+        if (self.class_weights or self.balanced_sampler) and self.objective == DANN:
+            raise ConfigError("--class-weights/--balanced-sampler with --strategy dann are not supported")
         if self.mix.enabled and self.cache_features:
             raise ConfigError("--mixup/--cutmix mix images, and cached features have none: add --no-cache-features")
         if self.mix.enabled and self.objective == DANN:

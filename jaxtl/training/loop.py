@@ -238,12 +238,20 @@ class Trainer:
         self._stepped: set[int] = set()  # stages whose train step has run (compiled)
         self.metric_names = self.objective.metric_names
 
+        counts = np.bincount(np.asarray(self.data.train.labels), minlength=self.num_classes)
+        # sklearn's "balanced": n / (classes x n_class); a class without examples gets weight 0.
+        self.class_weights = (np.where(counts > 0, counts.sum() / (self.num_classes * np.maximum(counts, 1)), 0.0)
+                              .astype(np.float32) if cfg.class_weights == "balanced" else None)
+        if cfg.class_weights or cfg.balanced_sampler:
+            self.log(f"class imbalance: training images per class from {counts.min()} to {counts.max()}"
+                     + ("; balanced loss weights" if cfg.class_weights else "")
+                     + ("; sampling by inverse frequency" if cfg.balanced_sampler else ""))
         loader_kw = dict(workers=cfg.workers, process_index=jax.process_index(), process_count=jax.process_count(),
                          put=self.dp.put_batch)
         # An objective that trains on the target merges source and target batches before they go to the devices.
         train_kw = {**loader_kw, "put": None} if self.objective.trains_on_target else loader_kw
         self.train_loader = Loader(self.data.train, self.pre, batch_size=cfg.batch_size, train=True, seed=cfg.seed,
-                                   **train_kw)
+                                   sample_weights=self._sample_weights(self.data.train.labels), **train_kw)
         self.val_loader = Loader(self.data.val, self.pre, batch_size=self.eval_batch_size, train=False, **loader_kw)
         self.target_loader = self.target_val_loader = None
         if self.target is not None:
@@ -412,8 +420,17 @@ class Trainer:
                                 loader_kw, log=self.log, note_bad=self._note_bad)
         kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), put=self.dp.put_batch)
         self.train_loader = ArrayLoader(*cached["train"], batch_size=self.cfg.batch_size, train=True,
-                                        seed=self.cfg.seed, **kw)
+                                        seed=self.cfg.seed, sample_weights=self._sample_weights(cached["train"][1]),
+                                        **kw)
         self.val_loader = ArrayLoader(*cached["val"], batch_size=self.eval_batch_size, train=False, **kw)
+
+    def _sample_weights(self, labels) -> np.ndarray | None:
+        """--balanced-sampler: each example drawn with probability proportional to 1 / its class's count."""
+        if not self.cfg.balanced_sampler:
+            return None
+        labels = np.asarray(labels)
+        counts = np.bincount(labels, minlength=self.num_classes)
+        return 1.0 / counts[labels]
 
     def _note_bad(self, loader) -> None:
         """Files that failed to decode while loading (they passed the header check)."""

@@ -46,7 +46,8 @@ class Classification:
                                     reparam=trainer.reparam, mix=cfg.mix)
         size = trainer.pre.input_size
         return make_train_step(forward, tx, num_classes=trainer.num_classes, label_smoothing=cfg.label_smoothing,
-                               l2sp=cfg.l2sp, mix=cfg.mix, mix_size=(size, size), ema=cfg.ema, axis_name=AXIS)
+                               l2sp=cfg.l2sp, mix=cfg.mix, mix_size=(size, size), ema=cfg.ema,
+                               class_weights=trainer.class_weights, axis_name=AXIS)
 
     def batches(self, trainer: Any, epoch: int, first: int) -> Iterator[dict]:
         """The device batches of one epoch from batch ``first`` on."""

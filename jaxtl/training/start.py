@@ -41,6 +41,11 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
     folder, random init, or, for a resume whose weights file is gone, nothing to read at all (when the
     checkpoint holds every layer that still trains)."""
     model_kwargs = {"img_size": cfg.img_size} if cfg.img_size and built_for_one_size(spec) else {}
+    if cfg.drop_path is not None:
+        if not has_option(spec, "drop_path_rate"):
+            raise ConfigError(f"--drop-path: {spec.name} has no stochastic depth; the families with it are "
+                              "EfficientNet, ConvNeXt and the ViTs (DINOv2, DINOv3, CLIP, SigLIP)")
+        model_kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.probe_blocks is not None:
         if not has_option(spec, "probe_blocks"):
             raise ConfigError(f"--probe-blocks is for backbones whose features read several blocks (DINOv2, "

@@ -157,7 +157,7 @@ def l2sp_penalty(params: Any, reference: Any) -> jax.Array:
 def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_classes: int,
                     label_smoothing: float = 0.0, l2sp: float = 0.0, mix: MixConfig | None = None,
                     mix_size: tuple[int, int] | None = None, ema: EmaConfig | None = None,
-                    axis_name: str | None = None):
+                    class_weights: Any = None, axis_name: str | None = None):
     """The per-device train step for one strategy stage: ``(state, frozen, batch) -> (state, metrics)``.
 
     ``frozen`` holds the frozen groups' variables (:func:`jaxtl.strategies.split_variables`):
@@ -166,13 +166,19 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
     ``frozen[L2SP_REFERENCE]`` holds the pretrained values the trainable backbone is pulled
     towards: a constant of the step too, not a copy in the optimizer state. The reported loss is
     the cross-entropy alone. With ``mix`` (the same as the forward's), the targets are mixed with
-    the draws the forward pass made for images of ``mix_size`` (height, width).
+    the draws the forward pass made for images of ``mix_size`` (height, width). With
+    ``class_weights`` (one per class), the loss is the weighted mean of torch's
+    ``CrossEntropyLoss(weight=...)``: sum(w[y] * loss) / sum(w[y]) over the global batch.
     """
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict]:
         key = step_key(state)
         labels, weight = batch["label"], batch["weight"].astype(jnp.float32)
         total = jnp.maximum(_psum(jnp.sum(weight), axis_name), 1.0)
+        loss_weight, loss_total = weight, total
+        if class_weights is not None:
+            loss_weight = weight * jnp.asarray(class_weights, jnp.float32)[labels]
+            loss_total = jnp.maximum(_psum(jnp.sum(loss_weight), axis_name), 1e-12)
         frozen = dict(frozen)
         reference = frozen.pop(L2SP_REFERENCE, None)
 
@@ -187,7 +193,7 @@ def make_train_step(forward: Forward, tx: optax.GradientTransformation, *, num_c
                 per_example = cross_entropy(logits, labels, num_classes, label_smoothing)
             # Divide by the global count and sum gradients across devices: exact
             # whatever the number of real examples on each device.
-            loss = jnp.sum(per_example * weight) / total
+            loss = jnp.sum(per_example * loss_weight) / loss_total
             objective = loss
             if l2sp and reference is not None:  # every device adds its share: the sum over devices is one penalty
                 devices = _psum(jnp.ones((), jnp.float32), axis_name)
