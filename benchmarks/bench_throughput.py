@@ -54,7 +54,8 @@ NUM_CLASSES = 10
 
 
 def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compiled=None,
-              compiler_options: dict | None = None, devices=None, mapping: str = "shard_map"):
+              compiler_options: dict | None = None, devices=None, mapping: str = "shard_map",
+              model_kwargs: dict | None = None):
     """Returns (run-once callable, compile seconds, XLA memory bytes).
 
     ``on_compiled`` (optional) is called with the compiled executable
@@ -62,7 +63,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     debug options for this executable alone (same-process A/Bs of XLA options).
     ``devices`` (default: the first device) and ``mapping`` spread the train
     step's ``batch`` images over several devices (bench_scaling.py); inference
-    always runs on one device."""
+    always runs on one device. ``model_kwargs`` go to the trained model (e.g. ``grad_checkpointing``)."""
     from jaxtl.models import init_variables
     from jaxtl.optim import OptimConfig, make_optimizer, plateau_init
     from jaxtl.strategies import Strategy, all_labels, label_tree, split_variables, trainable_labels
@@ -72,7 +73,7 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
 
     spec = jaxtl.get_spec(name)
     kw = {"img_size": size} if built_for_one_size(spec) else {}
-    model = jaxtl.create_model(name, NUM_CLASSES, dtype=dtype, axis_name=AXIS, **kw)
+    model = jaxtl.create_model(name, NUM_CLASSES, dtype=dtype, axis_name=AXIS, **kw, **(model_kwargs or {}))
     variables = init_variables(jaxtl.create_model(name, NUM_CLASSES, **kw), spec, 0)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, help="stochastic depth: the last block's drop rate, growing linearly "
                                                    "from 0 at the first (EfficientNet, ConvNeXt, ViTs; default: the "
                                                    "weights' own, e.g. torchvision's 0.2 for EfficientNet)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, more time "
+                        "(ResNet, ViTs)")
     g.add_argument("--probe-blocks", type=int, help="DINOv2/DINOv3: features from the class tokens of the last N "
                                                     "blocks and the patch mean (default 1; the papers' 4-block "
                                                     "linear probe: 4)")

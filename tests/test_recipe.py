@@ -335,3 +335,29 @@ def test_drop_path_sets_stochastic_depth_where_a_family_has_it(tmp_path, monkeyp
     with pytest.raises(jaxtl.errors.ConfigError, match="resnet18 has no stochastic depth"):
         Trainer(TrainConfig(backbone="resnet18", drop_path=0.1, output=str(tmp_path / "r18"), **base),
                 log=lambda line: None)
+
+
+@pytest.mark.parametrize("name, kw", [("resnet18", {}), ("vit_tiny_patch16_224", {"img_size": 32})])
+def test_grad_checkpointing_gives_the_same_gradients_and_parameters(name, kw):
+    import jax
+
+    spec = jaxtl.get_spec(name)
+    plain = jaxtl.create_model(name, 5, **kw)
+    remat = jaxtl.create_model(name, 5, grad_checkpointing=True, **kw)
+    variables = jaxtl.init_variables(plain, spec, 0)
+    assert jax.tree.structure(jaxtl.init_variables(remat, spec, 0)) == jax.tree.structure(variables)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+
+    def grads(model):
+        def loss(params):
+            out, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.key(0)})
+            return (out ** 2).sum()
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    with pytest.raises(jaxtl.errors.ConfigError, match="does not offer it"):
+        from jaxtl.training.start import starting_point
+        starting_point(TrainConfig(backbone="mobilenet_v2", grad_checkpointing=True), jaxtl.get_spec("mobilenet_v2"),
+                       "torchvision", 10, None, resume_needs_frozen=lambda: False, log=print)

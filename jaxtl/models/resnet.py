@@ -86,6 +86,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.9       # PyTorch momentum 0.1
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass
     axis_name: str | None = None   # synchronise BatchNorm statistics across devices
 
     @nn.compact
@@ -104,7 +105,8 @@ class ResNet(nn.Module):
             for j in range(n_blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
                 downsample = j == 0 and (stride != 1 or in_features != features * block_cls.expansion)
-                x = block_cls(features, stride, downsample, self.dtype, norm, name=f"{group}_{j}")(
+                make = nn.remat(block_cls, static_argnums=(2,)) if self.grad_checkpointing else block_cls
+                x = make(features, stride, downsample, self.dtype, norm, name=f"{group}_{j}")(
                     x, inference_mode(train, group, frozen))
                 in_features = features * block_cls.expansion
         x = global_avg_pool(x)

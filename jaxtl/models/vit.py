@@ -424,6 +424,7 @@ class VisionTransformer(nn.Module):
     pool: str = "token"
     probe_blocks: int = 1
     embed_proj: int = 0
+    grad_checkpointing: bool = False   # recompute each block's activations in the backward pass
     axis_name: str | None = None
 
     def __post_init__(self):
@@ -494,11 +495,12 @@ class VisionTransformer(nn.Module):
         class_tokens = []   # of the blocks before the last among the probed ones
         for i in range(self.depth):
             rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
-            block = EncoderBlock(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
-                                 ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
-                                 attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
-                                 layer_scale=self.layer_scale, act=self.act, dtype=self.dtype,
-                                 axis_name=self.axis_name, name=f"blocks_{i}")
+            block_cls = nn.remat(EncoderBlock, static_argnums=(2,)) if self.grad_checkpointing else EncoderBlock
+            block = block_cls(num_heads=self.num_heads, mlp_hidden=hidden, qkv_bias=self.qkv_bias,
+                              ln_epsilon=self.ln_epsilon, proj_drop_rate=self.proj_drop_rate,
+                              attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
+                              layer_scale=self.layer_scale, act=self.act, dtype=self.dtype,
+                              axis_name=self.axis_name, name=f"blocks_{i}")
             x = block(x, inference_mode(train, f"block{i}", frozen))
             if self.depth - self.probe_blocks <= i < self.depth - 1:
                 class_tokens.append(x[:, 0])

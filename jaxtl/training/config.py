@@ -56,6 +56,7 @@ class TrainConfig:
     img_size: int | None = None
     probe_blocks: int | None = None        # DINOv2/DINOv3: class tokens of the last N blocks in the features
     drop_path: float | None = None         # stochastic depth rate of the last block (None: the weights' default)
+    grad_checkpointing: bool = False       # recompute each block's activations in the backward pass (ResNet, ViT)
     dtype: str = "float32"
     label_smoothing: float = 0.0
     class_weights: str | None = None       # "balanced": loss weights n / (classes x n_class) from the training set

@@ -46,6 +46,11 @@ def starting_point(cfg: TrainConfig, spec: BackboneSpec, source: str, num_classe
             raise ConfigError(f"--drop-path: {spec.name} has no stochastic depth; the families with it are "
                               "EfficientNet, ConvNeXt and the ViTs (DINOv2, DINOv3, CLIP, SigLIP)")
         model_kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.grad_checkpointing:
+        if not has_option(spec, "grad_checkpointing"):
+            raise ConfigError(f"--grad-checkpointing: {spec.name} does not offer it; the families that do are "
+                              "ResNet and the ViTs (DINOv2, CLIP, SigLIP)")
+        model_kwargs["grad_checkpointing"] = True
     if cfg.probe_blocks is not None:
         if not has_option(spec, "probe_blocks"):
             raise ConfigError(f"--probe-blocks is for backbones whose features read several blocks (DINOv2, "
