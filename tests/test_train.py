@@ -395,7 +395,8 @@ def test_console_scripts_are_the_command_lines():
     import tomllib
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
-    assert {"jaxtl-train", "jaxtl-predict", "jaxtl-evaluate", "jaxtl-convert", "jaxtl-models"} <= set(scripts)
+    assert {"jaxtl-train", "jaxtl-predict", "jaxtl-evaluate", "jaxtl-convert", "jaxtl-models",
+            "jaxtl-lr-find"} <= set(scripts)
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), target
