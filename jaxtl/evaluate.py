@@ -12,6 +12,12 @@ read from the run's config.json when the checkpoint folder has one), so
 ``--wise-ft-sweep [A,B,...]`` evaluates WiSE-FT (:mod:`jaxtl.wise_ft`): the run's backbone
 interpolated with the pretrained one it started from, for each mixing coefficient (default 0, 0.1,
 ..., 1), on ``--data`` and on ``--target-data``'s validation split.
+
+``--tta N`` averages the softmax probabilities over N views of each image (:mod:`jaxtl.tta`: 1 plain,
+2 + mirror, 5 crops, 10 crops + mirrors). When the model's meta holds a temperature
+(:mod:`jaxtl.calibration`), the NLL, ECE and top-1 are reported without and with it;
+``--calibrate`` fits one on the evaluated split (``--write`` stores it in the model for
+``python -m jaxtl.predict``).
 """
 
 from __future__ import annotations
@@ -41,42 +47,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wise-ft-sweep", nargs="?", const="", default=None, metavar="A,B,...",
                    help="evaluate WiSE-FT mixtures of the pretrained and the fine-tuned backbone (the head stays "
                         "fine-tuned); default coefficients 0,0.1,...,1")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="test-time augmentation: average the softmax over N views - 1 (default, none), 2 (+ "
+                        "horizontal flip), 5 (centre and corner crops), 10 (5 crops and their flips)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature (temperature scaling) on the evaluated split and report the NLL and "
+                        "ECE before and after; fit on --split val, the default")
+    p.add_argument("--write", action="store_true", help="--calibrate: store the temperature in the model's meta, "
+                                                        "so python -m jaxtl.predict applies it")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
 
 
-def make_evaluator(model, pre, num_classes: int, batch_size: int, workers: int):
-    """``(variables, source) -> (metric sums, predictions, unreadable files)`` for ``model`` in eval mode."""
+def make_evaluator(model, pre, num_classes: int, batch_size: int, workers: int, tta: int = 1):
+    """``(variables, source) -> (metric sums, predictions, unreadable files)`` for ``model`` in eval mode;
+    ``with_confidence`` adds each example's top probability, ``with_logits`` then its (views, classes)
+    logits. ``tta`` views per image have their probabilities averaged (:mod:`jaxtl.tta`)."""
     import jax
 
+    from jaxtl import tta as tta_views
     from jaxtl.data.augment import eval_prepare
     from jaxtl.data.loader import Loader
     from jaxtl.training.evaluation import accumulate
-    from jaxtl.training.step import make_eval_step
 
-    step = jax.jit(make_eval_step(lambda v, x: model.apply(v, eval_prepare(x, pre), train=False),
-                                  num_classes=num_classes))
+    tta_views.check_views(tta)
+    loader_pre = tta_views.loader_preprocessing(pre, tta)
+    steps = {}
 
-    def run(variables, source, with_confidence: bool = False):
-        loader = Loader(source, pre, batch_size=batch_size, train=False, workers=workers)
+    def compiled(with_logits: bool):
+        if with_logits not in steps:  # the plain step stays today's unless logits are asked for
+            steps[with_logits] = jax.jit(tta_views.make_tta_eval_step(
+                lambda v, x: model.apply(v, eval_prepare(x, pre), train=False), num_classes=num_classes, n=tta,
+                input_size=pre.input_size, with_logits=with_logits))
+        return steps[with_logits]
+
+    def run(variables, source, with_confidence: bool = False, with_logits: bool = False):
+        step = compiled(with_logits)
+        loader = Loader(source, loader_pre, batch_size=batch_size, train=False, workers=workers)
         outputs = [step(variables, batch) for batch in loader.epoch(0)]
         sums, pred = accumulate(outputs)
-        if with_confidence:
-            confidence = np.concatenate([np.asarray(o["confidence"]) for o in outputs])[:len(source)]
-            return sums, pred[:len(source)], loader.bad, confidence
-        return sums, pred[:len(source)], loader.bad
+        result = (sums, pred[:len(source)], loader.bad)
+        if with_confidence or with_logits:
+            result += (np.concatenate([np.asarray(o["confidence"]) for o in outputs])[:len(source)],)
+        if with_logits:
+            result += (np.concatenate([np.asarray(o["logits"], np.float32) for o in outputs])[:len(source)],)
+        return result
 
     return run
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    from jaxtl import calibration, tta
     from jaxtl.data.sources import load_dataset
+    from jaxtl.errors import ConfigError
     from jaxtl.export import load_model
     from jaxtl.data.preprocessing import Preprocessing
     from jaxtl.training.evaluation import balanced_accuracy, expected_calibration_error, metrics
     from jaxtl.training.report import confusion_matrix, per_class_accuracy
 
+    tta.check_views(args.tta)
+    if args.write and not args.calibrate:
+        raise ConfigError("--write stores the temperature --calibrate fits; add --calibrate")
+    if args.write and args.tta != 1:
+        raise ConfigError("--write stores the temperature predictions use by default, fitted on single views; "
+                          "drop --tta (a temperature fitted on TTA's averaged probabilities is another)")
+    if args.calibrate and args.wise_ft_sweep is not None:
+        raise ConfigError("--calibrate fits the exported model's temperature; run it without --wise-ft-sweep")
     model, variables, meta = load_model(args.checkpoint)
+    stored_t = calibration.stored_temperature(meta)
     run_config = Path(args.checkpoint) / "config.json"
     saved = json.loads(run_config.read_text()) if run_config.is_file() else {}
     val_fraction = args.val_fraction if args.val_fraction is not None else saved.get("val_fraction", 0.2)
@@ -88,8 +126,9 @@ def evaluate(args: argparse.Namespace) -> int:
                         "evaluate on data with the same class folders")
     if data.num_classes != int(meta["num_classes"]):
         raise DataError(f"the model has {meta['num_classes']} classes, the data {data.num_classes}")
+    tta.check_views(args.tta, tta.flips_allowed(saved, meta, data), f"{args.checkpoint} (on {data.name})")
     pre = Preprocessing.from_dict(meta["preprocessing"])
-    run = make_evaluator(model, pre, data.num_classes, args.batch_size, args.workers)
+    run = make_evaluator(model, pre, data.num_classes, args.batch_size, args.workers, tta=args.tta)
     if args.wise_ft_sweep is not None:
         return wise_ft_sweep(args, variables, meta, data, run, val_fraction, seed)
     if args.target_data:
@@ -100,7 +139,8 @@ def evaluate(args: argparse.Namespace) -> int:
         source = data.train
     else:
         source = _concat(data.train, data.val)
-    sums, pred, bad, confidence = run(variables, source, with_confidence=True)
+    with_logits = args.calibrate or stored_t is not None
+    sums, pred, bad, confidence, *logits = run(variables, source, with_confidence=True, with_logits=with_logits)
     keep = np.ones(len(source), bool)
     for i in range(len(source)):
         if source.describe(i) in bad:
@@ -110,18 +150,55 @@ def evaluate(args: argparse.Namespace) -> int:
     m = metrics(sums)
     ece = expected_calibration_error(confidence[keep], pred[keep] == source.labels[keep])
     result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "images": m["count"],
-              "loss": m["loss"], "top1": m["top1"], "top5": m["top5"],
+              "tta": args.tta, "loss": m["loss"], "top1": m["top1"], "top5": m["top5"],
               "balanced_accuracy": balanced_accuracy(per_class), "ece": ece,
               "per_class_top1": {name: (None if np.isnan(a) else float(a)) for name, a in zip(data.class_names,
                                                                                               per_class)},
               "skipped": sorted(bad)}
+    notes: list[str] = []
+    if with_logits:
+        kept_logits, kept_labels = logits[0][keep], source.labels[keep]
+        # "Before" is the evaluation above (T = 1): the device's float32 numbers, which the host's float64 could
+        # differ from where a confidence sits exactly on an ECE bin edge (k / 5 with five views).
+        before = {"nll_before": result["loss"], "ece_before": result["ece"], "top1_before": result["top1"]}
+        if stored_t is not None:
+            result["calibration"] = {**calibration.report(kept_logits, kept_labels, stored_t), **before}
+            if args.tta != 1:
+                notes.append(f"the model's temperature was fitted on single views; --calibrate --tta {args.tta} "
+                             "fits one for the averaged probabilities")
+        if args.calibrate:
+            fitted = calibration.fit_temperature(kept_logits, kept_labels)
+            result["calibrated"] = {**calibration.report(kept_logits, kept_labels, fitted), **before,
+                                    "fitted_on": args.split, "written": False}
+            notes.append(f"the temperature was fitted on the images it is reported on ({args.split} split), so the "
+                         "'after' numbers are optimistic" + ("" if args.split == "val" else
+                                                             "; fit on --split val (the default), which training "
+                                                             "never saw"))
+            if calibration.at_bound(fitted):
+                notes.append(f"T = {fitted:.4g} is at the bound of the search {calibration.T_RANGE}: the NLL keeps "
+                             "falling beyond it (e.g. every image right with a margin)")
+            if args.write:
+                path = calibration.write_temperature(args.checkpoint, fitted)
+                result["calibrated"]["written"] = str(path)
+                notes.append(f"stored T = {fitted:.4f} in {path} and its meta.json"
+                             + (f" (it held T = {stored_t:.4f})" if stored_t is not None else "")
+                             + "; python -m jaxtl.predict applies it")
+    if notes:
+        result["notes"] = notes
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.split} split of {args.data}: {result['images']} images")
+    views = "" if args.tta == 1 else f" (TTA: {tta.VIEW_NAMES[args.tta]}, probabilities averaged)"
+    print(f"{args.split} split of {args.data}: {result['images']} images{views}")
     print(f"  loss {result['loss']:.4f}   top-1 {result['top1']:.4f}   top-5 {result['top5']:.4f}")
     print(f"  balanced accuracy {result['balanced_accuracy']:.4f}   expected calibration error (15 bins) "
           f"{result['ece']:.4f}")
+    for key, what in (("calibration", "the model's temperature"), ("calibrated", "the fitted temperature")):
+        if key in result:
+            c = result[key]
+            print(f"  {what} T = {c['temperature']:.4f}: NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}   "
+                  f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}   top-1 {c['top1_before']:.4f} -> "
+                  f"{c['top1_after']:.4f}")
     print("  per-class recall (top-1):")
     width = max(len(str(c)) for c in data.class_names)
     for name, acc, total in zip(data.class_names, per_class, cm.sum(axis=1)):
@@ -129,6 +206,8 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"    {str(name):<{width}}  {shown}  ({total} images)")
     if bad:
         print(f"  skipped {len(bad)} unreadable file(s): {', '.join(sorted(bad)[:3])}")
+    for note in notes:
+        print(f"  note: {note}")
     return 0
 
 

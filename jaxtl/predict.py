@@ -6,6 +6,10 @@
 Each image gets the backbone's own evaluation preprocessing (e.g. resize 256,
 center crop 224, ImageNet mean/std for torchvision's MobileNetV2 weights).
 An unreadable file is reported by path and the others are still predicted.
+
+``--tta N`` averages the softmax probabilities over N views of each image (:mod:`jaxtl.tta`: 2 adds
+the horizontal mirror, 5 the corner crops, 10 both). A model whose meta holds a temperature
+(``python -m jaxtl.evaluate --calibrate --write``) has its logits divided by it before the softmax.
 """
 
 from __future__ import annotations
@@ -33,19 +37,41 @@ class Predictor:
     preprocessing: Preprocessing
     class_names: list[str] | None
     batch_size: int = 32
+    tta: int = 1                       # views per image, probabilities averaged (jaxtl.tta)
+    temperature: float | None = None   # divides the logits (temperature scaling, jaxtl.calibration)
 
     def __post_init__(self):
         import jax
 
-        model = self.model
-        self._forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+        from jaxtl import tta
+
+        model, n, t, size = self.model, tta.check_views(self.tta), self.temperature, self.preprocessing.input_size
+        if n == 1 and t is None:
+            self._forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+        else:
+            self._forward = jax.jit(lambda v, x: tta.mean_probabilities(
+                tta.view_logits(lambda v_, x_: model.apply(v_, x_, train=False), v, x, size, n), t))
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> "Predictor":
+    def from_checkpoint(cls, directory: str | Path, tta: int = 1) -> "Predictor":
+        from jaxtl import tta as tta_views
+        from jaxtl.calibration import stored_temperature
         from jaxtl.export import load_model
 
         model, variables, meta = load_model(directory)
-        return cls(model, variables, Preprocessing.from_dict(meta["preprocessing"]), meta.get("class_names"))
+        config = Path(directory) / "config.json"
+        saved = json.loads(config.read_text()) if config.is_file() else {}
+        tta_views.check_views(tta, tta_views.flips_allowed(saved, meta), str(directory))
+        return cls(model, variables, Preprocessing.from_dict(meta["preprocessing"]), meta.get("class_names"),
+                   tta=tta, temperature=stored_temperature(meta))
+
+    def prepare(self, image) -> np.ndarray:
+        """A PIL image -> the normalised float32 HWC input :meth:`probabilities` takes (for five crops, the
+        ``resize_size`` centre square they are cut from)."""
+        from jaxtl.data.transforms import eval_transform
+        from jaxtl.tta import loader_preprocessing
+
+        return eval_transform(image, loader_preprocessing(self.preprocessing, self.tta))
 
     @classmethod
     def from_pretrained(cls, backbone: str, source: str | None = None, tag: str | None = None,
@@ -63,7 +89,7 @@ class Predictor:
         return cls(model, variables, info.preprocessing, info.class_names)
 
     def probabilities(self, images_nhwc: np.ndarray) -> np.ndarray:
-        """Normalised float32 NHWC -> class probabilities, in batches."""
+        """Normalised float32 NHWC (:meth:`prepare`) -> class probabilities, in batches."""
         out = []
         for i in range(0, len(images_nhwc), self.batch_size):
             chunk = images_nhwc[i:i + self.batch_size]
@@ -94,26 +120,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="which published weights for --backbone (e.g. IMAGENET1K_V1)")
     p.add_argument("--weights-file", default=None, help="a local .pth/.safetensors file for --backbone")
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print per image (default 5)")
+    p.add_argument("--tta", type=int, default=1, metavar="N",
+                   help="test-time augmentation: average the softmax over N views - 1 (default, none), 2 (+ "
+                        "horizontal flip), 5 (centre and corner crops), 10 (5 crops and their flips)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument("--no-download", action="store_true", help="never download weights")
     return p
 
 
 def predict(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from jaxtl.data.decode import BadImageError, load_image
-    from jaxtl.data.transforms import eval_transform
+    from jaxtl.tta import VIEW_NAMES, check_views
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    check_views(args.tta)
     if args.checkpoint:
-        predictor = Predictor.from_checkpoint(args.checkpoint)
+        predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta)
     else:
         predictor = Predictor.from_pretrained(args.backbone, args.source, args.tag, args.weights_file,
                                               allow_download=not args.no_download)
+        predictor = replace(predictor, tta=args.tta) if args.tta != 1 else predictor
+    said = []
+    if predictor.temperature is not None:
+        said.append(f"calibrated (T = {predictor.temperature:.4g})")
+    if predictor.tta != 1:
+        said.append(f"test-time augmentation: {VIEW_NAMES[predictor.tta]}, probabilities averaged")
+    if said and not args.json:  # JSON lines carry the same in each object instead
+        print("; ".join(said))
     arrays, good, bad = [], [], []
     for path in args.images:
         try:
-            arrays.append(eval_transform(load_image(path), predictor.preprocessing))
+            arrays.append(predictor.prepare(load_image(path)))
             good.append(path)
         except BadImageError as e:
             bad.append(str(e))
@@ -121,8 +161,10 @@ def predict(args: argparse.Namespace) -> int:
         results = predictor.top_k(predictor.probabilities(np.stack(arrays)), args.top_k)
         for path, top in zip(good, results):
             if args.json:
+                extra = {"temperature": predictor.temperature} if predictor.temperature is not None else {}
+                extra.update({"tta": predictor.tta} if predictor.tta != 1 else {})
                 print(json.dumps({"image": path, "top_k": [{"class": n, "index": i, "probability": round(p, 6)}
-                                                          for n, i, p in top]}))
+                                                          for n, i, p in top], **extra}))
             else:
                 print(path)
                 for rank, (name, index, prob) in enumerate(top, 1):

@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, help="latest checkpoints kept, besides the best (default 2)")
     g.add_argument("--export", choices=["last", "best", "ema"],
                    help="which weights to export at the end (default last; ema: the moving average, --model-ema)")
+    g.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on the validation split at export (Guo et al.); predict applies it")
     g.add_argument("--model-ema", action="store_true", help="keep an exponential moving average of the weights "
                                                             "(timm); evaluated every epoch beside the raw weights")
     g.add_argument("--model-ema-decay", type=float, help="the average's decay per step (default 0.9998)")

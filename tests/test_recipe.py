@@ -368,3 +368,22 @@ def test_grad_checkpointing_gives_the_same_gradients_and_parameters(name, kw):
         from jaxtl.training.start import starting_point
         starting_point(TrainConfig(backbone="mobilenet_v2", grad_checkpointing=True), jaxtl.get_spec("mobilenet_v2"),
                        "torchvision", 10, None, resume_needs_frozen=lambda: False, log=print)
+
+
+def test_calibrate_at_export_stores_the_temperature_fitted_on_the_validation_split(tmp_path, monkeypatch):
+    from jaxtl.calibration import fit_on_source
+
+    monkeypatch.setenv(NO_COMPILE_CACHE, "1")
+    out = tmp_path / "calibrated"
+    lines = []
+    jaxtl.train(TrainConfig(backbone="mobilenet_v2", strategy="feature_extract", epochs=3, limit_per_class=10,
+                            optim=OptimConfig(opt="sgd", lr=1.0), calibrate=True, output=str(out), progress=False),
+                log=lines.append)
+    model, variables, meta = jaxtl.load_model(out)
+    assert meta["temperature"] > 0 and any("temperature scaling: T =" in line for line in lines)
+    data = jaxtl.data.sources.load_dataset("digits", limit_per_class=10)
+    from jaxtl.data.preprocessing import Preprocessing
+
+    again = fit_on_source(model, variables, Preprocessing.from_dict(meta["preprocessing"]), data.val)
+    assert again == pytest.approx(meta["temperature"], rel=1e-6)
+    assert json.loads((out / "meta.json").read_text())["training"]["hflip"] is False  # digits: no flips

@@ -93,6 +93,7 @@ class TrainConfig:
     model_ema: bool = False                # keep an exponential moving average of the weights (timm)
     model_ema_decay: float = 0.9998
     model_ema_warmup: bool = True          # decay min(d, (1 + t) / (10 + t)) at update t
+    calibrate: bool = False                # fit a softmax temperature on the validation split at export
     early_stop: int | None = None          # patience in epochs; the run then exports its best checkpoint
     early_stop_metric: str = "val_loss"    # or "val_top1"; with early_stop, also what "best" ranks by
     allow_download: bool = True

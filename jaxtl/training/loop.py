@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl import runtime
+from jaxtl.calibration import fit_on_source
 from jaxtl.data.augment import eval_prepare, train_augment
 from jaxtl.data.autoaugment import auto_augment, mean_fill, random_erasing
 from jaxtl.data.loader import ArrayLoader, Loader
@@ -223,6 +224,7 @@ class Trainer:
             self._add_lora()
         self.head_drop_rate = float(getattr(self.model, "drop_rate", 0.0) or 0.0)
         hflip = self.data.flip_invariant if cfg.hflip is None else cfg.hflip
+        self.hflip = hflip  # the exported model says whether it trained on flips (test-time flips follow it)
         jitter = (cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, min(cfg.color_jitter / 2, 0.5))
         auto = erase = None
         if cfg.aa is not None:  # RandAugment fills with the mean colour, TrivialAugment with black (as torchvision)
@@ -766,7 +768,8 @@ class Trainer:
             "training": {"data": cfg.data, "strategy": cfg.strategy_name, "epochs": cfg.epochs,
                          "exported": exported, "val_top1": final.get("val_top1"),
                          "best_val_top1": max((r["val_top1"] for r in records), default=None),
-                         "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed},
+                         "target_val_top1": final.get("target_val_top1"), "seed": cfg.seed,
+                         "hflip": bool(self.hflip)},
         }
         if wise is not None:
             meta["wise_ft"] = wise
@@ -774,6 +777,12 @@ class Trainer:
             meta["training"]["stopped_early"] = self.stopped_early
         if not self.primary:
             return TrainResult(self.out, records, state, list(self.skipped), nonfinite, variables)
+        if cfg.calibrate:  # Guo et al.'s temperature, fitted on the validation images the run never trained on
+            plain = create_model(self.spec.name, self.num_classes, source=self.source, **self.model_kwargs)
+            meta["temperature"] = fit_on_source(plain, variables, self.pre, self.data.val,
+                                                batch_size=self.eval_batch_size, workers=cfg.workers)
+            self.log(f"temperature scaling: T = {meta['temperature']:.4f}, fitted on the validation split; "
+                     "python -m jaxtl.predict divides the logits by it")
         path = save_model(self.out, variables, meta)
         if records:
             plot_curves(records, self.out / CURVES_FILE, f"{self.spec.name} · {cfg.strategy.kind} · {cfg.data}")
