@@ -44,11 +44,17 @@ def run(tmp_path_factory):
 
 
 def copy_run(run: Path, dest: Path, hflip: bool | None = None) -> Path:
-    """A copy of the run to write into; ``hflip`` rewrites its config.json as if it had trained so."""
+    """A copy of the run to write into; ``hflip`` rewrites its config.json and the model's meta as if it
+    had trained so."""
+    from jaxtl.export import MODEL_FILE, read_model_file, save_model
+
     shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoints"))
     if hflip is not None:
         config = json.loads((dest / "config.json").read_text())
         (dest / "config.json").write_text(json.dumps({**config, "hflip": hflip}))
+        variables, meta = read_model_file(dest / MODEL_FILE)
+        meta = {k: v for k, v in meta.items() if k != "format"}
+        save_model(dest, variables, {**meta, "training": {**meta.get("training", {}), "hflip": hflip}})
     return dest
 
 
