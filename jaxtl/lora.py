@@ -143,7 +143,3 @@ def merge_factors(variables: Mapping[str, Any], scale: float) -> dict:
     """A model's variables with the factors folded into their kernels: the plain backbone (host arrays)."""
     params = jax.device_get(apply_factors(variables["params"], scale))
     return {**variables, "params": jax.tree.map(np.asarray, params)}
-
-
-def count(tree: Any) -> int:
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))

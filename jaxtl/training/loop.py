@@ -53,7 +53,7 @@ from jaxtl.data.loader import ArrayLoader, Loader
 from jaxtl.data.sources import Dataset, load_dataset
 from jaxtl.errors import CheckpointError, ConfigError, Interrupted, JaxtlError, ProcessLost, TrainingError
 from jaxtl.export import save_model, write_variables_file
-from jaxtl.lora import LORA_KEY, apply_factors, count as count_params, init_factors, merge_factors, select_targets
+from jaxtl.lora import LORA_KEY, apply_factors, init_factors, merge_factors, select_targets
 from jaxtl.models import create_model
 from jaxtl.optim import carry_over, make_optimizer, plateau_init, plateau_update, schedule_of
 from jaxtl.registry import resolve
@@ -69,8 +69,8 @@ from jaxtl.training.report import (CONFUSION_FILE, CURVES_FILE, MetricsLog, conf
                                    plot_confusion, plot_curves)
 from jaxtl.training.start import starting_point
 from jaxtl.training.state import TrainState, create_train_state, merge
-from jaxtl.training.step import (L2SP_REFERENCE, head_forward, make_eval_step, map_eval, pack_metrics, scan_steps,
-                                 unpack_metrics)
+from jaxtl.training.step import (L2SP_REFERENCE, head_forward, head_params, make_eval_step, map_eval, pack_metrics,
+                                 scan_steps, unpack_metrics)
 from jaxtl.wise_ft import interpolate
 from jaxtl.weights import sha256_file
 
@@ -293,9 +293,9 @@ class Trainer:
 
         self.reparam = reparam
         self._fold = jax.jit(lambda v: {**v, "params": apply_factors(v["params"], scale)})
-        factors = count_params(params[LORA_KEY])
-        head = count_params(_at(params, self.spec.head_path))
-        base = count_params({k: v for k, v in params.items() if k != LORA_KEY})
+        factors = _count(params[LORA_KEY])
+        head = _count(head_params(params, self.spec.head_path))
+        base = _count({k: v for k, v in params.items() if k != LORA_KEY})
         self.log(f"lora: rank {lora.rank}, alpha {lora.alpha:g} on {len(targets)} kernels "
                  f"({'/'.join(targets[0][:-1])}, ...): {factors + head:,} trainable parameters "
                  f"({factors:,} in adapters + {head:,} in the head), {100 * (factors + head) / base:.2f}% "
@@ -884,12 +884,6 @@ def _no_decay_except(labels: dict, head_group: str) -> dict:
         return label if label == head_group or label.endswith(NO_DECAY_SUFFIX) else label + NO_DECAY_SUFFIX
 
     return jax.tree.map(relabel, labels)
-
-
-def _at(tree: dict, path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _copy(tree: Any) -> Any:
