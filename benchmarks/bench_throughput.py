@@ -105,7 +105,9 @@ def jaxtl_job(name: str, size: int, mode: str, batch: int, dtype: str, on_compil
     tx = make_optimizer(cfg, labels, strategy.lr_multipliers(spec), all_labels(spec), 100, 1)
     step = make_train_step(image_forward(model, frozen=frozen, prepare=lambda key, images: images, reparam=reparam),
                            tx, num_classes=NUM_CLASSES, axis_name=AXIS)
-    mapped = dp.train_step(step, donate=True)
+    remat = (model_kwargs or {}).get("grad_checkpointing")
+    mapped = dp.train_step(step, donate=True,
+                           compiler_options=runtime.remat_compiler_options(dp.devices[0].platform) if remat else None)
     batch_dict = dp.put_batch({"image": np.asarray(x), "label": rng.integers(0, NUM_CLASSES, batch).astype(np.int32),
                                "weight": np.ones(batch, np.float32)})
     holder = {"state": dp.replicate(create_train_state(trainable, tx, 0, plateau_init(cfg)))}

@@ -197,6 +197,17 @@ def _missed_cpu_settings() -> list[str]:
     return missed
 
 
+# XLA's CPU pipeline deletes optimization barriers (OptimizationBarrierExpander, the pass named
+# "cse_barrier_expander") before its CSE passes, which then merge jax.checkpoint's recomputation back
+# into the forward pass: without this option a rematerialised step keeps every activation on CPU.
+REMAT_CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def remat_compiler_options(platform: str) -> dict | None:
+    """Per-executable XLA options under which gradient checkpointing saves memory on ``platform``."""
+    return dict(REMAT_CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def configure(*, compile_cache: bool = True) -> Settings:
     """Make the process-wide settings (see the module's docstring); safe to call more than once."""
     if "cpu" not in _applied:

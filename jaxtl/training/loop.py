@@ -387,7 +387,9 @@ class Trainer:
                 mapped = self.dp.train_step(scan_steps(step), stacked=True)
                 frozen = {"params": {}, "batch_stats": {}}
             else:
-                mapped = self.dp.train_step(step)
+                remat = self.cfg.grad_checkpointing
+                options = runtime.remat_compiler_options(self.dp.devices[0].platform) if remat else None
+                mapped = self.dp.train_step(step, compiler_options=options)
                 frozen = self._split(self.variables, stage.frozen)[1]
                 if self.cfg.l2sp:
                     frozen[L2SP_REFERENCE] = self._l2sp_reference(stage)

@@ -83,20 +83,26 @@ class DataParallel:
 
     # -- steps -------------------------------------------------------------------------
 
-    def train_step(self, step: Callable, donate: bool = True, stacked: bool = False) -> Callable:
+    def train_step(self, step: Callable, donate: bool = True, stacked: bool = False,
+                   compiler_options: dict | None = None) -> Callable:
         """(state, frozen, batch) -> (state, metrics); metrics are summed over devices.
 
         The state is donated (its buffers become the new state's); the frozen variables are not.
         ``stacked``: ``step`` takes batches stacked on a leading steps axis
         (:func:`jaxtl.training.step.scan_steps`; place them with :meth:`put_batches`).
+        ``compiler_options``: XLA options for this step's executable alone
+        (:func:`jaxtl.runtime.remat_compiler_options`).
         """
         donate_argnums = (0,) if donate else ()
         if self.mapping == "pmap":
+            if compiler_options:
+                raise ConfigError(f"--mapping pmap cannot compile with the XLA options {compiler_options} this "
+                                  "step needs (gradient checkpointing on CPU); use the default --mapping shard_map")
             return jax.pmap(step, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None),
                             devices=self.devices, donate_argnums=donate_argnums)
         mapped = jax.shard_map(step, mesh=self.mesh, in_specs=(P(), P(), self._examples(stacked)),
                                out_specs=(P(), P()), check_vma=False)
-        return jax.jit(mapped, donate_argnums=donate_argnums)
+        return jax.jit(mapped, donate_argnums=donate_argnums, compiler_options=compiler_options)
 
     def eval_step(self, step: Callable, stacked: bool = False) -> Callable:
         """(variables, batch) -> metrics; ``pred`` and ``confidence`` stay per example, the sums are global."""
