@@ -98,9 +98,10 @@ def test_dann_on_four_devices_matches_one_device():
     # does at the initial state, where only the label loss reaches the backbone, through train-mode
     # BatchNorm at initialisation: rounding alone moved that step's update by 5e-4 on one CPU and by
     # less than 1e-4 on another (the later steps: 6e-6; with augmentation, stochastic depth and the
-    # head's dropout on, EfficientNet-B0: 1.1e-4, then 5e-5 and 1.6e-5). A device-split bug moves it
-    # by O(1) (BatchNorm not synced: 0.9; source and target concatenated instead of interleaved, so
-    # that a target image's stochastic depth depends on the device count: 1.3), so the bound sits
+    # head's dropout on, EfficientNet-B0: 1.1e-4, then 5e-5 and 1.6e-5; at half depth on an AMD EPYC:
+    # 1.3e-5, 1.3e-5, 1.1e-5). A device-split bug moves it by O(1) (on the full-depth B0, BatchNorm
+    # not synced: 0.9; source and target concatenated instead of interleaved, so that a target
+    # image's stochastic depth depends on the device count: 1.3), so the bound sits
     # between the two, not at a CPU's rounding.
     for mapping in ("shard_map_4", "pmap_4"):
         one_step = result[mapping]["one_step"]
