@@ -31,11 +31,11 @@ def test_conv_by_taps_equals_xla_conv(hw, k, stride, padding, dilation):
     def taps(x, w):
         return conv_by_taps(x, w, stride, padding, dilation)
 
-    with jax.default_matmul_precision("highest"):
-        np.testing.assert_allclose(taps(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    with jax.default_matmul_precision("highest"):  # jitted: one compile each, not one per operation
+        np.testing.assert_allclose(jax.jit(taps)(x, w), jax.jit(ref)(x, w), rtol=1e-5, atol=1e-5)
         loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
-        g_taps = jax.grad(loss(taps), argnums=(0, 1))(x, w)
-        g_ref = jax.grad(loss(ref), argnums=(0, 1))(x, w)
+        g_taps = jax.jit(jax.grad(loss(taps), argnums=(0, 1)))(x, w)
+        g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, w)
     # One (taps x C_in) product and XLA's convolution sum in different orders, and sin() passes on the
     # float32 rounding of outputs up to ~50: gradients agree to 1e-5 of their largest value. For the 7x7
     # case the product form is the closer of the two to a float64 reference (1.5e-5 against 3.3e-5).
