@@ -95,7 +95,7 @@ def test_evaluate_reports_balanced_accuracy_calibration_and_recall(tmp_path, mon
     monkeypatch.setenv(NO_COMPILE_CACHE, "1")
     out = tmp_path / "run"
     jaxtl.train(TrainConfig(backbone="mobilenet_v2", strategy="feature_extract", epochs=2, limit_per_class=10,
-                            output=str(out), progress=False), log=lambda line: None)
+                            img_size=32, batch_size=16, output=str(out), progress=False), log=lambda line: None)
     assert evaluate(["--checkpoint", str(out), "--data", "digits", "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     recall = [v for v in got["per_class_top1"].values() if v is not None]
@@ -406,8 +406,8 @@ def test_calibrate_at_export_stores_the_temperature_fitted_on_the_validation_spl
     out = tmp_path / "calibrated"
     lines = []
     jaxtl.train(TrainConfig(backbone="mobilenet_v2", strategy="feature_extract", epochs=3, limit_per_class=10,
-                            optim=OptimConfig(opt="sgd", lr=1.0), calibrate=True, output=str(out), progress=False),
-                log=lines.append)
+                            img_size=32, batch_size=16, optim=OptimConfig(opt="sgd", lr=1.0), calibrate=True,
+                            output=str(out), progress=False), log=lines.append)
     model, variables, meta = jaxtl.load_model(out)
     assert meta["temperature"] > 0 and any("temperature scaling: T =" in line for line in lines)
     data = jaxtl.data.sources.load_dataset("digits", limit_per_class=10)
