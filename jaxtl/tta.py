@@ -97,23 +97,24 @@ def views(images, input_size: int, n: int):
     return jnp.concatenate([base, hflip(base)]) if n in FLIPPED else base
 
 
+def _divided(view_logits, temperature: float | None):
+    """float32 logits, divided by ``temperature`` when there is one."""
+    logits = view_logits.astype(jnp.float32)
+    return logits if temperature is None else logits / jnp.float32(temperature)
+
+
 def log_mean_probabilities(view_logits, temperature: float | None = None):
     """The log of the softmax probabilities (of the logits divided by ``temperature``) averaged over the
     leading views axis: (V, N, C) -> (N, C), float32. In log space, so the loss of a confidently wrong
     example stays exact where its probability underflows float32."""
-    logits = view_logits.astype(jnp.float32)
-    if temperature is not None:
-        logits = logits / jnp.float32(temperature)
+    logits = _divided(view_logits, temperature)
     return jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1), axis=0) - jnp.log(jnp.float32(logits.shape[0]))
 
 
 def mean_probabilities(view_logits, temperature: float | None = None):
     """Softmax probabilities (of the logits divided by ``temperature``) averaged over the leading
     views axis: (V, N, C) -> (N, C), float32."""
-    logits = view_logits.astype(jnp.float32)
-    if temperature is not None:
-        logits = logits / jnp.float32(temperature)
-    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+    return jnp.mean(jax.nn.softmax(_divided(view_logits, temperature), axis=-1), axis=0)
 
 
 def view_logits(apply_logits: Callable[[Any, jax.Array], jax.Array], variables, images, input_size: int, n: int):
@@ -165,14 +166,6 @@ def make_tta_eval_step(apply_logits: Callable[[Any, jax.Array], jax.Array], *, n
     return step
 
 
-def data_flips_class(data_name: str | None) -> bool:
-    """Whether a ``--data`` name is one whose class changes with a mirror image, known without loading
-    it (the digits and their shifted domains: :attr:`jaxtl.data.sources.Dataset.flip_invariant`)."""
-    from jaxtl.data.domains import SHIFTS
-
-    return data_name is not None and (data_name == "digits" or data_name in SHIFTS)
-
-
 def flips_allowed(run_config: dict, meta: dict, data=None) -> bool:
     """Whether the model may be shown mirror images: as its training flipped - the run's explicit
     ``hflip`` (meta's ``training.hflip`` or config.json's), else the data's own default."""
@@ -181,4 +174,6 @@ def flips_allowed(run_config: dict, meta: dict, data=None) -> bool:
         return bool(explicit)
     if data is not None:
         return bool(data.flip_invariant)
-    return not data_flips_class(run_config.get("data"))
+    from jaxtl.data.sources import mirror_changes_class
+
+    return not mirror_changes_class(run_config.get("data"))

@@ -346,6 +346,12 @@ def _require_all_classes(train: Source, val: Source, names: list[str], where: An
 # digits, tfds, arrays
 
 
+def mirror_changes_class(name: str | None) -> bool:
+    """Whether the class of the ``--data`` set ``name`` changes with a mirror image, known without
+    loading it: the digits and their shifted domains (their :attr:`Dataset.flip_invariant` is False)."""
+    return name == "digits" or name in SHIFTS
+
+
 def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool | str = False) -> Dataset:
     """scikit-learn's handwritten digits: 8x8 grey levels 0..16 -> uint8 RGB.
 
@@ -368,7 +374,7 @@ def digits_dataset(*, val_fraction: float = 0.2, seed: int = 0, shifted: bool | 
     names = [str(c) for c in d.target_names]
     whole = ArraySource(images, d.target.astype(np.int32), names)
     tr, va = stratified_split(whole.labels, val_fraction, seed)
-    return Dataset(whole.subset(tr), whole.subset(va), names, name, flip_invariant=False)
+    return Dataset(whole.subset(tr), whole.subset(va), names, name, flip_invariant=not mirror_changes_class(name))
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
